@@ -1,0 +1,53 @@
+# Two commands set everything up: `make demo` and `make test`. Both create .venv/ with the
+# PyTorch build that tch links against (installed from PyPI when missing), build, then run.
+SHELL := /bin/bash
+TORCH_VERSION := 2.11.0
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+TORCH_STAMP := $(VENV)/.torch-$(TORCH_VERSION)
+REF_STAMP := $(VENV)/.reference-deps
+
+# torch-sys finds libtorch through the active Python (LIBTORCH_USE_PYTORCH).
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+CARGO ?= cargo
+BIN := target/release/cnx
+
+.PHONY: setup build demo demo-seg test lint bench reference parity clean-venv
+
+$(TORCH_STAMP):
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
+	  || $(PY) -m pip install --disable-pip-version-check -q torch==$(TORCH_VERSION)
+	@touch $@
+
+setup: $(TORCH_STAMP)
+
+build: setup
+	$(CARGO) build --release
+
+demo: build
+	$(BIN) doctor
+
+test: setup
+	$(CARGO) build --release
+	$(CARGO) test --release --workspace
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+# Python reference tools (timm, torchvision, pycocotools, cv2, mmdet...) for fixtures and benchmarks.
+$(REF_STAMP): $(TORCH_STAMP) tools/reference/requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r tools/reference/requirements.txt
+	@touch $@
+
+reference: $(REF_STAMP)
+	@set -e; for s in tools/reference/gen_*.py; do echo "== $$s"; $(PY) $$s; done
+
+parity: $(REF_STAMP) build
+	$(PY) tools/reference/parity_full.py
+
+bench: $(REF_STAMP) build
+	@set -e; for s in bench/*.sh; do echo "== $$s"; bash $$s; done
