@@ -1,1 +1,7 @@
-//! placeholder
+//! Backbones for dense prediction: ConvNeXt (the paper's), Swin and ResNet/ResNeXt (the
+//! comparison rows), checkpoint loading for the formats people have, and parameter / FLOP
+//! counting from the real model.
+
+pub mod dense;
+pub mod flops;
+pub mod nn;
