@@ -27,8 +27,15 @@ setup: $(TORCH_STAMP)
 build: setup
 	$(CARGO) build --release
 
+# The main job on data the project makes itself: synthetic COCO-format shapes -> train a small
+# ConvNeXt Mask R-CNN on CPU through `cnx train`'s code path -> COCO AP on held-out images,
+# drawn predictions and loss/metric curves under work_dirs/demo_det. `make demo-seg` does the
+# same for UperNet on synthetic ADE-format scenes (mIoU).
 demo: build
-	$(BIN) doctor
+	$(BIN) demo det
+
+demo-seg: build
+	$(BIN) demo seg
 
 test: setup
 	$(CARGO) build --release

@@ -10,16 +10,19 @@
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
-        .expect("torch-sys did not report the libtorch directory (is torch-sys a direct dependency?)");
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
+        "torch-sys did not report the libtorch directory (is torch-sys a direct dependency?)",
+    );
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     // The version string of the PyTorch build we link (e.g. "2.11.0+cu130"), for `cnx doctor`.
     let version_py = std::path::Path::new(&lib).join("..").join("version.py");
     let version = std::fs::read_to_string(&version_py)
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches(['\'', '"']).to_string()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("__version__ = ")
+                    .map(|v| v.trim_matches(['\'', '"']).to_string())
+            })
         })
         .unwrap_or_else(|| "unknown".to_string());
     println!("cargo:rerun-if-changed={}", version_py.display());

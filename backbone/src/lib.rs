@@ -2,6 +2,12 @@
 //! comparison rows), checkpoint loading for the formats people have, and parameter / FLOP
 //! counting from the real model.
 
+pub mod checkpoint;
+pub mod config;
+pub mod convnext;
 pub mod dense;
 pub mod flops;
 pub mod nn;
+pub mod resnet;
+pub mod roadmap;
+pub mod swin;

@@ -27,7 +27,13 @@ pub struct ConvOpts {
 
 impl Default for ConvOpts {
     fn default() -> Self {
-        Self { stride: 1, padding: 0, dilation: 1, groups: 1, bias: true }
+        Self {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            groups: 1,
+            bias: true,
+        }
     }
 }
 
@@ -41,7 +47,12 @@ impl Conv2d {
             bias: o.bias,
             ..Default::default()
         };
-        Self { inner: nn::conv2d(p, cin, cout, k, cfg), in_channels: cin, groups: o.groups, kernel: [k, k] }
+        Self {
+            inner: nn::conv2d(p, cin, cout, k, cfg),
+            in_channels: cin,
+            groups: o.groups,
+            kernel: [k, k],
+        }
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -75,8 +86,15 @@ pub struct ConvTranspose2d {
 
 impl ConvTranspose2d {
     pub fn new(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> Self {
-        let cfg = nn::ConvTransposeConfig { stride, ..Default::default() };
-        Self { inner: nn::conv_transpose2d(p, cin, cout, k, cfg), out_channels: cout, kernel: k }
+        let cfg = nn::ConvTransposeConfig {
+            stride,
+            ..Default::default()
+        };
+        Self {
+            inner: nn::conv_transpose2d(p, cin, cout, k, cfg),
+            out_channels: cout,
+            kernel: k,
+        }
     }
 }
 
@@ -99,8 +117,14 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(p: nn::Path, din: i64, dout: i64, bias: bool) -> Self {
-        let cfg = nn::LinearConfig { bias, ..Default::default() };
-        Self { inner: nn::linear(p, din, dout, cfg), in_features: din }
+        let cfg = nn::LinearConfig {
+            bias,
+            ..Default::default()
+        };
+        Self {
+            inner: nn::linear(p, din, dout, cfg),
+            in_features: din,
+        }
     }
 }
 
@@ -125,13 +149,24 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
-        Self { weight: p.ones("weight", &[dim]), bias: p.zeros("bias", &[dim]), dim, eps }
+        Self {
+            weight: p.ones("weight", &[dim]),
+            bias: p.zeros("bias", &[dim]),
+            dim,
+            eps,
+        }
     }
 }
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        xs.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+        xs.layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -148,7 +183,9 @@ impl LayerNorm2d {
 
 impl Module for LayerNorm2d {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        self.0.forward(&xs.permute([0, 2, 3, 1])).permute([0, 3, 1, 2])
+        self.0
+            .forward(&xs.permute([0, 2, 3, 1]))
+            .permute([0, 3, 1, 2])
     }
 }
 
@@ -165,8 +202,15 @@ pub struct BatchNorm2d {
 
 impl BatchNorm2d {
     pub fn new(p: nn::Path, dim: i64) -> Self {
-        let cfg = nn::BatchNormConfig { eps: 1e-5, momentum: 0.1, ..Default::default() };
-        Self { inner: nn::batch_norm2d(p, dim, cfg), frozen: false }
+        let cfg = nn::BatchNormConfig {
+            eps: 1e-5,
+            momentum: 0.1,
+            ..Default::default()
+        };
+        Self {
+            inner: nn::batch_norm2d(p, dim, cfg),
+            frozen: false,
+        }
     }
 }
 
@@ -219,5 +263,7 @@ pub fn param_count(vs: &nn::VarStore) -> i64 {
 
 /// Names PyTorch keeps as buffers rather than parameters.
 pub fn is_buffer_name(name: &str) -> bool {
-    name.ends_with("running_mean") || name.ends_with("running_var") || name.ends_with("num_batches_tracked")
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("num_batches_tracked")
 }

@@ -1,126 +1,23 @@
 //! Polygon and RLE rasterization with pycocotools' exact semantics (`rleFrPoly`, RLE decoding,
 //! union of the polygons of one instance).
 //!
-//! This is the single place where masks are rasterized; `cnx_eval::mask` implements the same
-//! pycocotools algorithms for evaluation, and every caller here goes through [`poly_rle`] and
-//! [`decode_string`], so switching to the shared implementation is a one-file change.
+//! This is the single place where this crate rasterizes masks; the pycocotools algorithms
+//! themselves (`rleFrPoly`, `rleFrString`) come from `cnx_eval::mask`, so datasets and
+//! evaluation share one rasterizer.
 
 /// Uncompressed COCO RLE counts (column-major, alternating runs of 0 and 1, starting with 0).
 pub type Counts = Vec<u32>;
 
-/// pycocotools `rleFrPoly`: RLE of one polygon `xy = [x0, y0, x1, y1, ...]` on an `h x w` grid.
+/// pycocotools `rleFrPoly`: RLE of one polygon `xy = [x0, y0, x1, y1, ...]` on an `h x w` grid
+/// (delegates to `cnx_eval::mask`, the project's single pycocotools port).
 pub fn poly_rle(xy: &[f64], h: usize, w: usize) -> Counts {
-    let k = xy.len() / 2;
-    if k == 0 {
-        return vec![(h * w) as u32];
-    }
-    let scale = 5.0f64;
-    // `(int)` in C truncates toward zero, as `as i64` does.
-    let mut x: Vec<i64> = (0..k).map(|j| (scale * xy[2 * j] + 0.5) as i64).collect();
-    let mut y: Vec<i64> = (0..k).map(|j| (scale * xy[2 * j + 1] + 0.5) as i64).collect();
-    x.push(x[0]);
-    y.push(y[0]);
-    let mut m = 0usize;
-    for j in 0..k {
-        m += ((x[j] - x[j + 1]).abs().max((y[j] - y[j + 1]).abs()) + 1) as usize;
-    }
-    let mut u = Vec::with_capacity(m);
-    let mut v = Vec::with_capacity(m);
-    for j in 0..k {
-        let (mut xs, mut xe, mut ys, mut ye) = (x[j], x[j + 1], y[j], y[j + 1]);
-        let dx = (xe - xs).abs();
-        let dy = (ys - ye).abs();
-        let flip = (dx >= dy && xs > xe) || (dx < dy && ys > ye);
-        if flip {
-            std::mem::swap(&mut xs, &mut xe);
-            std::mem::swap(&mut ys, &mut ye);
-        }
-        let s = if dx >= dy {
-            (ye - ys) as f64 / dx as f64
-        } else {
-            (xe - xs) as f64 / dy as f64
-        };
-        if dx >= dy {
-            for d in 0..=dx {
-                let t = if flip { dx - d } else { d };
-                u.push(t + xs);
-                v.push((ys as f64 + s * t as f64 + 0.5) as i64);
-            }
-        } else {
-            for d in 0..=dy {
-                let t = if flip { dy - d } else { d };
-                v.push(t + ys);
-                u.push((xs as f64 + s * t as f64 + 0.5) as i64);
-            }
-        }
-    }
-    // Points along the y-boundary, downsampled.
-    let mut a: Vec<u64> = Vec::new();
-    for j in 1..u.len() {
-        if u[j] != u[j - 1] {
-            let mut xd = if u[j] < u[j - 1] { u[j] } else { u[j] - 1 } as f64;
-            xd = (xd + 0.5) / scale - 0.5;
-            if xd.floor() != xd || xd < 0.0 || xd > (w as f64 - 1.0) {
-                continue;
-            }
-            let mut yd = if v[j] < v[j - 1] { v[j] } else { v[j - 1] } as f64;
-            yd = (yd + 0.5) / scale - 0.5;
-            yd = yd.clamp(0.0, h as f64).ceil();
-            a.push(xd as u64 * h as u64 + yd as u64);
-        }
-    }
-    a.push((h * w) as u64);
-    a.sort_unstable();
-    let mut p = 0u64;
-    for e in a.iter_mut() {
-        let t = *e;
-        *e -= p;
-        p = t;
-    }
-    let mut b: Vec<u32> = Vec::with_capacity(a.len());
-    let mut j = 0;
-    b.push(a[j] as u32);
-    j += 1;
-    while j < a.len() {
-        if a[j] > 0 {
-            b.push(a[j] as u32);
-            j += 1;
-        } else {
-            j += 1;
-            if j < a.len() {
-                *b.last_mut().unwrap() += a[j] as u32;
-                j += 1;
-            }
-        }
-    }
-    b
+    Rle::from_polygon(xy, h, w).counts
 }
 
 /// pycocotools `rleFrString`: decode the compressed (LEB128-like) string form of RLE counts.
+/// A malformed string (which pycocotools would read out of bounds on) decodes to no runs.
 pub fn decode_string(s: &str) -> Counts {
-    let bytes = s.as_bytes();
-    let mut counts = Vec::new();
-    let mut p = 0usize;
-    while p < bytes.len() {
-        let mut x: i64 = 0;
-        let mut k = 0;
-        let mut more = true;
-        while more && p < bytes.len() {
-            let c = bytes[p] as i64 - 48;
-            x |= (c & 0x1f) << (5 * k);
-            more = c & 0x20 != 0;
-            p += 1;
-            k += 1;
-            if !more && (c & 0x10) != 0 {
-                x |= -1i64 << (5 * k);
-            }
-        }
-        if counts.len() > 2 {
-            x += counts[counts.len() - 2] as i64;
-        }
-        counts.push(x as u32);
-    }
-    counts
+    cnx_eval::mask::decode_counts(s.as_bytes()).unwrap_or_default()
 }
 
 /// pycocotools `rleToString`: compressed string form of RLE counts.
@@ -203,3 +100,5 @@ pub fn polygons_to_mask(polys: &[Vec<f64>], h: usize, w: usize) -> Vec<u8> {
     let rles: Vec<Counts> = polys.iter().map(|p| poly_rle(p, h, w)).collect();
     decode_union(&rles, h, w)
 }
+
+use cnx_eval::mask::Rle;

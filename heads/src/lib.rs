@@ -1,1 +1,41 @@
-//! placeholder
+//! `cnx-heads`: the detection and segmentation heads that sit on the ConvNeXt backbones.
+//!
+//! Mask R-CNN is built from small modules, one idea each (as torchvision's `models/detection`):
+//! [`boxes`] (IoU / GIoU, `Boxes`), [`coder`] (delta box coder), [`anchors`], [`nms`],
+//! [`roi_align`], [`roi_extractor`], [`fpn`], [`assigner`] (max-IoU assigner, random sampler),
+//! [`rpn`], [`bbox_head`] (`BoxHead` trait, Shared2FC head, post-processing), [`mask_head`],
+//! assembled by [`detector`] from a serde config. [`results`] turns detections into COCO JSON.
+
+pub mod anchors;
+pub mod assigner;
+pub mod bbox_head;
+pub mod boxes;
+pub mod coco_classes;
+pub mod coder;
+pub mod detector;
+pub mod fpn;
+pub mod init;
+pub mod mask_head;
+pub mod nms;
+pub mod results;
+pub mod roi_align;
+pub mod roi_extractor;
+pub mod rpn;
+pub mod weights;
+// UperNet semantic segmentation (owned by the segmentation work): heads and the segmentor.
+pub mod segmentor;
+pub mod upernet;
+pub mod upernet_palette;
+
+pub use detector::{Detections, Detector, DetectorConfig, GtInstances, ImgMeta, Losses};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadsError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Checkpoint(#[from] cnx_backbone::checkpoint::CheckpointError),
+    #[error("{0}")]
+    ClassMismatch(String),
+}

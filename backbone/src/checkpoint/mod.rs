@@ -1,0 +1,765 @@
+//! Loading the checkpoints people have: official ConvNeXt `.pth` files (`torch.save` zip archives
+//! with the state dict bare or under `model` / `state_dict`), timm-named weights (renamed to the
+//! official names on the fly), mmdet / mmseg whole-model checkpoints, and safetensors files.
+//!
+//! [`read_state_dict`] turns any of them into a [`StateDict`]; [`load_into`] copies it into a
+//! [`VarStore`], strict by default, and reports missing, unexpected and mis-shaped tensors by name
+//! and shape. Prefix handling ([`LoadOptions::strip_prefix`], [`LoadOptions::add_prefix`],
+//! [`LoadOptions::target_prefix`]) covers "the `backbone.` part of a detector checkpoint" and
+//! "ImageNet weights into the backbone of a detector".
+
+pub mod pickle;
+
+use pickle::{TensorRef, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use tch::nn::VarStore;
+use tch::{Kind, Tensor};
+
+/// Everything that can go wrong reading or loading a checkpoint. Messages name the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid torch.save zip archive: {msg}")]
+    Zip { path: PathBuf, msg: String },
+    #[error("{path}: {source}")]
+    Pickle {
+        path: PathBuf,
+        source: pickle::PickleError,
+    },
+    #[error("{path}: unsupported legacy format (torch.save before 1.6, or _use_new_zipfile_serialization=False); re-save with torch>=1.6")]
+    Legacy { path: PathBuf },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error("{path}: safetensors: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Mismatch(Box<LoadReport>),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T> = std::result::Result<T, CheckpointError>;
+
+/// Named tensors from a checkpoint, sorted by name.
+#[derive(Debug, Default)]
+pub struct StateDict {
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl StateDict {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+    pub fn insert(&mut self, name: impl Into<String>, t: Tensor) {
+        self.tensors.insert(name.into(), t);
+    }
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.tensors.iter()
+    }
+
+    /// Keys under `prefix`, with the prefix removed; other keys are dropped.
+    pub fn select_prefix(&self, prefix: &str) -> StateDict {
+        let tensors = self
+            .tensors
+            .iter()
+            .filter_map(|(k, t)| {
+                k.strip_prefix(prefix)
+                    .map(|s| (s.to_string(), t.shallow_clone()))
+            })
+            .collect();
+        StateDict { tensors }
+    }
+
+    /// Every key with `prefix` prepended.
+    pub fn add_prefix(&self, prefix: &str) -> StateDict {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(k, t)| (format!("{prefix}{k}"), t.shallow_clone()))
+            .collect();
+        StateDict { tensors }
+    }
+
+    /// True when the keys look like timm's ConvNeXt layout (`stem.0`, `stages.S.blocks.B`).
+    pub fn is_timm_convnext(&self) -> bool {
+        self.tensors.keys().any(|k| is_timm_convnext_key(k))
+    }
+
+    /// Renames timm ConvNeXt keys to the official ones (a no-op on official names); any prefix
+    /// before `stem.` / `stages.` / `head.` is kept. Drops `num_batches_tracked` buffers.
+    pub fn to_official(&self) -> StateDict {
+        let timm = self.is_timm_convnext();
+        let tensors = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
+            .map(|(k, t)| {
+                (
+                    if timm { timm_to_official(k) } else { k.clone() },
+                    t.shallow_clone(),
+                )
+            })
+            .collect();
+        StateDict { tensors }
+    }
+
+    /// Writes all tensors (made contiguous, on CPU) to a safetensors file.
+    pub fn write_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let st_err = |msg: String| CheckpointError::Safetensors {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let mut bufs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (k, t) in &self.tensors {
+            let t = t.to_device(tch::Device::Cpu).contiguous();
+            let kind = t.kind();
+            let dtype = kind_to_dtype(kind)
+                .ok_or_else(|| st_err(format!("{k}: dtype {kind:?} not supported")))?;
+            let numel = t.numel();
+            let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
+            t.f_copy_data_u8(&mut data, numel)?;
+            bufs.push((
+                k.clone(),
+                dtype,
+                t.size().iter().map(|&d| d as usize).collect(),
+                data,
+            ));
+        }
+        let views = bufs
+            .iter()
+            .map(|(k, dt, shape, data)| {
+                safetensors::tensor::TensorView::new(*dt, shape.clone(), data)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| st_err(format!("{k}: {e:?}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::serialize_to_file(views, &None, path).map_err(|e| st_err(format!("{e:?}")))
+    }
+}
+
+fn kind_to_dtype(k: Kind) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype as D;
+    Some(match k {
+        Kind::Float => D::F32,
+        Kind::Half => D::F16,
+        Kind::BFloat16 => D::BF16,
+        Kind::Double => D::F64,
+        Kind::Int64 => D::I64,
+        Kind::Int => D::I32,
+        Kind::Int16 => D::I16,
+        Kind::Int8 => D::I8,
+        Kind::Uint8 => D::U8,
+        Kind::Bool => D::BOOL,
+        _ => return None,
+    })
+}
+
+fn dtype_to_kind(d: safetensors::Dtype) -> Option<Kind> {
+    use safetensors::Dtype as D;
+    Some(match d {
+        D::F32 => Kind::Float,
+        D::F16 => Kind::Half,
+        D::BF16 => Kind::BFloat16,
+        D::F64 => Kind::Double,
+        D::I64 => Kind::Int64,
+        D::I32 => Kind::Int,
+        D::I16 => Kind::Int16,
+        D::I8 => Kind::Int8,
+        D::U8 => Kind::Uint8,
+        D::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Index of the segment where a ConvNeXt key proper starts (`stem`, `stages`, `head`, ...).
+fn body_start(parts: &[&str]) -> Option<usize> {
+    parts
+        .iter()
+        .position(|p| matches!(*p, "stem" | "stages" | "head" | "downsample_layers"))
+}
+
+fn is_timm_convnext_key(k: &str) -> bool {
+    let parts: Vec<&str> = k.split('.').collect();
+    let Some(i) = body_start(&parts) else {
+        return false;
+    };
+    match &parts[i..] {
+        ["stem", n, ..] => n.parse::<u32>().is_ok(),
+        ["stages", _, "blocks", ..] | ["stages", _, "downsample", ..] => true,
+        _ => false,
+    }
+}
+
+/// One timm ConvNeXt key → the official name (unchanged when it is not a timm key).
+pub fn timm_to_official(k: &str) -> String {
+    let parts: Vec<&str> = k.split('.').collect();
+    let Some(i) = body_start(&parts) else {
+        return k.to_string();
+    };
+    let (pre, body) = parts.split_at(i);
+    let mapped: Vec<String> = match body {
+        ["stem", n, rest @ ..] => [
+            vec!["downsample_layers".into(), "0".into(), n.to_string()],
+            strs(rest),
+        ]
+        .concat(),
+        ["stages", s, "downsample", n, rest @ ..] => [
+            vec!["downsample_layers".into(), s.to_string(), n.to_string()],
+            strs(rest),
+        ]
+        .concat(),
+        ["stages", s, "blocks", b, layer @ ..] => {
+            let tail: Vec<String> = match layer {
+                ["conv_dw", r @ ..] => [vec!["dwconv".into()], strs(r)].concat(),
+                ["mlp", "fc1", r @ ..] => [vec!["pwconv1".into()], strs(r)].concat(),
+                ["mlp", "fc2", r @ ..] => [vec!["pwconv2".into()], strs(r)].concat(),
+                other => strs(other),
+            };
+            [vec!["stages".into(), s.to_string(), b.to_string()], tail].concat()
+        }
+        ["head", "norm", r @ ..] => [vec!["norm".into()], strs(r)].concat(),
+        ["head", "fc", r @ ..] => [vec!["head".into()], strs(r)].concat(),
+        other => strs(other),
+    };
+    let mut out = strs(pre);
+    out.extend(mapped);
+    out.join(".")
+}
+
+fn strs(s: &[&str]) -> Vec<String> {
+    s.iter().map(|x| x.to_string()).collect()
+}
+
+/// Reads a checkpoint file into a state dict (names as stored; see [`StateDict::to_official`]).
+/// Accepts `torch.save` zip archives (a bare state dict, or one under `model` / `state_dict`,
+/// other entries such as `optimizer` and `meta` ignored) and safetensors files.
+pub fn read_state_dict(path: impl AsRef<Path>) -> Result<StateDict> {
+    let path = path.as_ref();
+    let io = |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut head = [0u8; 9];
+    let n = read_up_to(&mut f, &mut head).map_err(io)?;
+    drop(f);
+    let head = &head[..n];
+    if head.starts_with(b"PK\x03\x04") {
+        return read_torch_zip(path);
+    }
+    if head.len() >= 9 && head[8] == b'{' {
+        return read_safetensors(path);
+    }
+    if head.first() == Some(&0x80) {
+        return Err(CheckpointError::Legacy {
+            path: path.to_path_buf(),
+        });
+    }
+    Err(CheckpointError::Format {
+        path: path.to_path_buf(),
+        msg: "neither a torch.save zip archive nor a safetensors file".into(),
+    })
+}
+
+fn read_up_to(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let k = f.read(&mut buf[n..])?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    Ok(n)
+}
+
+fn read_safetensors(path: &Path) -> Result<StateDict> {
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st_err = |msg: String| CheckpointError::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| st_err(format!("{e:?}")))?;
+    let mut sd = StateDict::new();
+    for (name, view) in st.tensors() {
+        let kind = dtype_to_kind(view.dtype())
+            .ok_or_else(|| st_err(format!("{name}: dtype {:?} not supported", view.dtype())))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        sd.insert(name, Tensor::f_from_data_size(view.data(), &shape, kind)?);
+    }
+    Ok(sd)
+}
+
+fn read_torch_zip(path: &Path) -> Result<StateDict> {
+    let zerr = |msg: String| CheckpointError::Zip {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let file = std::fs::File::open(path).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut zip =
+        zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| zerr(e.to_string()))?;
+    let pkl_name = zip
+        .file_names()
+        .find(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1)
+        .map(str::to_string)
+        .ok_or_else(|| zerr("no <archive>/data.pkl entry".into()))?;
+    let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
+    if let Ok(mut e) = zip.by_name(&format!("{prefix}byteorder")) {
+        let mut s = String::new();
+        let _ = e.read_to_string(&mut s);
+        if s.trim() == "big" {
+            return Err(CheckpointError::Format {
+                path: path.to_path_buf(),
+                msg: "big-endian checkpoints are not supported".into(),
+            });
+        }
+    }
+    let mut pkl = Vec::new();
+    zip.by_name(&pkl_name)
+        .and_then(|mut e| e.read_to_end(&mut pkl).map_err(Into::into))
+        .map_err(|e| zerr(format!("{pkl_name}: {e}")))?;
+    let top = pickle::unpickle(&pkl).map_err(|source| CheckpointError::Pickle {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let fmt_err = |msg: String| CheckpointError::Format {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let dict = find_state_dict(&top).ok_or_else(|| {
+        fmt_err(format!(
+            "top-level object is a {}; expected a state dict (or a dict with one under 'model' / 'state_dict')",
+            top.describe()
+        ))
+    })?;
+    let Value::Dict(entries) = dict else {
+        unreachable!()
+    };
+    let mut storages: HashMap<String, Tensor> = HashMap::new();
+    let mut sd = StateDict::new();
+    for (k, v) in entries.borrow().iter() {
+        let Some(name) = k.as_str() else {
+            return Err(fmt_err(format!(
+                "state dict key is a {}, expected a string",
+                k.describe()
+            )));
+        };
+        let tref = match v {
+            Value::Tensor(t) => t,
+            other => {
+                return Err(fmt_err(format!(
+                    "state dict entry '{name}' is a {}, expected a tensor (torch._utils._rebuild_tensor_v2)",
+                    other.describe()
+                )))
+            }
+        };
+        let t = materialize(&mut zip, &prefix, tref, &mut storages)
+            .map_err(|m| fmt_err(format!("'{name}': {m}")))?;
+        sd.insert(name, t);
+    }
+    Ok(sd)
+}
+
+/// The state dict inside a checkpoint: under `state_dict` or `model` if those hold dicts,
+/// otherwise the top-level dict itself.
+fn find_state_dict(top: &Value) -> Option<Value> {
+    if !matches!(top, Value::Dict(_)) {
+        return None;
+    }
+    for key in ["state_dict", "model"] {
+        if let Some(v @ Value::Dict(_)) = top.get(key) {
+            return Some(v);
+        }
+    }
+    Some(top.clone())
+}
+
+/// Reads the storage (once per key) and cuts the tensor's view out of it.
+fn materialize<R: Read + std::io::Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    prefix: &str,
+    t: &TensorRef,
+    storages: &mut HashMap<String, Tensor>,
+) -> std::result::Result<Tensor, String> {
+    if !storages.contains_key(&t.storage_key) {
+        let entry_name = format!("{prefix}data/{}", t.storage_key);
+        let mut e = zip
+            .by_name(&entry_name)
+            .map_err(|e| format!("storage {entry_name}: {e}"))?;
+        let elt = t.kind.elt_size_in_bytes();
+        let nbytes = t.storage_numel as usize * elt;
+        if e.size() as usize != nbytes {
+            return Err(format!(
+                "storage {entry_name} has {} bytes, expected {} elements of {:?}",
+                e.size(),
+                t.storage_numel,
+                t.kind
+            ));
+        }
+        let s = Tensor::empty([t.storage_numel], (t.kind, tch::Device::Cpu));
+        if nbytes > 0 {
+            // SAFETY: `s` is a freshly allocated contiguous CPU tensor of exactly `nbytes` bytes,
+            // and nothing else references it yet.
+            let dst = unsafe { std::slice::from_raw_parts_mut(s.data_ptr() as *mut u8, nbytes) };
+            e.read_exact(dst)
+                .map_err(|e| format!("reading {entry_name}: {e}"))?;
+        }
+        storages.insert(t.storage_key.clone(), s);
+    }
+    let s = &storages[&t.storage_key];
+    // Bounds check before as_strided (libtorch would check too, but with a less useful message).
+    let numel: i64 = t.size.iter().product();
+    if numel > 0 {
+        if t.stride.iter().any(|&s| s < 0) {
+            return Err("negative strides".into());
+        }
+        let last = t.offset
+            + t.size
+                .iter()
+                .zip(&t.stride)
+                .map(|(n, s)| (n - 1) * s)
+                .sum::<i64>();
+        if t.offset < 0 || last >= t.storage_numel {
+            return Err(format!(
+                "view (offset {}, size {:?}, stride {:?}) exceeds its storage of {} elements",
+                t.offset, t.size, t.stride, t.storage_numel
+            ));
+        }
+    }
+    let whole = t.offset == 0 && numel == t.storage_numel && is_contiguous(&t.size, &t.stride);
+    if whole {
+        return Ok(s.view(t.size.as_slice()));
+    }
+    // A view into a shared storage: copy it out so each tensor owns just its elements.
+    Ok(
+        s.as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset)
+            .contiguous(),
+    )
+}
+
+fn is_contiguous(size: &[i64], stride: &[i64]) -> bool {
+    let mut expect = 1;
+    for (&n, &s) in size.iter().zip(stride).rev() {
+        if n != 1 && s != expect {
+            return false;
+        }
+        expect *= n;
+    }
+    true
+}
+
+/// How [`load_into`] matches checkpoint names to VarStore names.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Fail (loading nothing) on any missing, unexpected or mis-shaped tensor. Default true.
+    pub strict: bool,
+    /// Keep only checkpoint keys under this prefix, with it removed (`"backbone."` takes the
+    /// backbone out of an mmdet / mmseg checkpoint); keys outside it are skipped silently.
+    pub strip_prefix: Option<String>,
+    /// Prepend this to every (remaining) checkpoint key (`"backbone."` puts ImageNet weights into
+    /// the backbone of a detector VarStore).
+    pub add_prefix: Option<String>,
+    /// Only VarStore variables under this prefix are expected (others never count as missing).
+    pub target_prefix: Option<String>,
+    /// Rename timm ConvNeXt keys to the official ones when the checkpoint uses them. Default true.
+    pub map_timm: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            strict: true,
+            strip_prefix: None,
+            add_prefix: None,
+            target_prefix: None,
+            map_timm: true,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Strict, names as they are (timm names renamed).
+    pub fn strict() -> Self {
+        Self::default()
+    }
+    /// Load whatever matches by name and shape; report the rest.
+    pub fn partial() -> Self {
+        Self {
+            strict: false,
+            ..Self::default()
+        }
+    }
+    /// The `backbone.` part of an mmdet / mmseg checkpoint into a bare backbone VarStore.
+    pub fn backbone_of(strict: bool) -> Self {
+        Self {
+            strict,
+            strip_prefix: Some("backbone.".into()),
+            ..Self::default()
+        }
+    }
+    /// An ImageNet classifier checkpoint into `backbone.` of a detector / segmentor VarStore, as
+    /// mmdet's `init_cfg=Pretrained` does: non-strict (the classifier's `norm` / `head` are
+    /// unexpected and the dense `norm{i}` stay initialised), only `backbone.*` variables expected.
+    pub fn pretrained_backbone() -> Self {
+        Self {
+            strict: false,
+            add_prefix: Some("backbone.".into()),
+            target_prefix: Some("backbone.".into()),
+            ..Self::default()
+        }
+    }
+    pub fn with_strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+    pub fn with_strip_prefix(mut self, p: impl Into<String>) -> Self {
+        self.strip_prefix = Some(p.into());
+        self
+    }
+    pub fn with_add_prefix(mut self, p: impl Into<String>) -> Self {
+        self.add_prefix = Some(p.into());
+        self
+    }
+    pub fn with_target_prefix(mut self, p: impl Into<String>) -> Self {
+        self.target_prefix = Some(p.into());
+        self
+    }
+}
+
+/// A tensor whose shape differs between model and checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShapeMismatch {
+    pub name: String,
+    pub model: Vec<i64>,
+    pub checkpoint: Vec<i64>,
+}
+
+/// What [`load_into`] did. Names are VarStore names (after prefix handling and timm renaming).
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub strict: bool,
+    /// Tensors copied into the VarStore.
+    pub loaded: Vec<String>,
+    /// Model variables the checkpoint lacks (name, model shape).
+    pub missing: Vec<(String, Vec<i64>)>,
+    /// Checkpoint tensors the model lacks (name, checkpoint shape).
+    pub unexpected: Vec<(String, Vec<i64>)>,
+    pub mismatched: Vec<ShapeMismatch>,
+    /// Checkpoint keys outside `strip_prefix` plus `num_batches_tracked` buffers.
+    pub skipped: usize,
+    /// The checkpoint used timm names.
+    pub renamed_from_timm: bool,
+}
+
+impl LoadReport {
+    /// Nothing missing, unexpected or mis-shaped.
+    pub fn is_clean(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty() && self.mismatched.is_empty()
+    }
+
+    /// One line: counts only.
+    pub fn summary(&self) -> String {
+        format!(
+            "loaded {} tensors; {} missing, {} unexpected, {} mis-shaped{}",
+            self.loaded.len(),
+            self.missing.len(),
+            self.unexpected.len(),
+            self.mismatched.len(),
+            if self.renamed_from_timm {
+                " (timm names mapped to official)"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.strict && !self.is_clean() {
+            writeln!(
+                f,
+                "checkpoint does not match the model (strict load, nothing loaded):"
+            )?;
+        }
+        write!(f, "{}", self.summary())?;
+        if !self.mismatched.is_empty() {
+            write!(f, "\n  mis-shaped (model vs checkpoint):")?;
+            for m in &self.mismatched {
+                write!(f, "\n    {} {:?} vs {:?}", m.name, m.model, m.checkpoint)?;
+            }
+        }
+        if !self.missing.is_empty() {
+            write!(f, "\n  missing in checkpoint:")?;
+            for (n, s) in &self.missing {
+                write!(f, "\n    {n} {s:?}")?;
+            }
+        }
+        if !self.unexpected.is_empty() {
+            write!(f, "\n  unexpected in checkpoint:")?;
+            for (n, s) in &self.unexpected {
+                write!(f, "\n    {n} {s:?}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies the name handling of `opts` to a state dict (timm renaming, strip, add), returning
+/// the renamed dict and how many keys were skipped.
+pub fn prepare(sd: &StateDict, opts: &LoadOptions) -> (StateDict, usize, bool) {
+    let mut skipped = 0;
+    let mut cur = match &opts.strip_prefix {
+        Some(p) => {
+            let s = sd.select_prefix(p);
+            skipped += sd.len() - s.len();
+            s
+        }
+        None => sd.select_prefix(""),
+    };
+    let before = cur.len();
+    cur.tensors
+        .retain(|k, _| !k.ends_with("num_batches_tracked"));
+    skipped += before - cur.len();
+    let timm = opts.map_timm && cur.is_timm_convnext();
+    if timm {
+        cur = cur.to_official();
+    }
+    if let Some(p) = &opts.add_prefix {
+        cur = cur.add_prefix(p);
+    }
+    (cur, skipped, timm)
+}
+
+/// Copies a state dict into the VarStore's variables (converting dtype and device as needed;
+/// `requires_grad` of every variable is left as it is, so frozen parts stay frozen).
+///
+/// Strict (the default): any missing, unexpected or mis-shaped tensor is an error
+/// ([`CheckpointError::Mismatch`], whose message lists them with shapes) and nothing is loaded.
+/// Non-strict: everything that matches by name and shape is loaded and the rest reported.
+pub fn load_into(vs: &mut VarStore, sd: &StateDict, opts: &LoadOptions) -> Result<LoadReport> {
+    let (sd, skipped, timm) = prepare(sd, opts);
+    let mut vars: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| match opts.target_prefix.as_deref() {
+            Some(p) => k.starts_with(p),
+            None => true,
+        })
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut report = LoadReport {
+        strict: opts.strict,
+        skipped,
+        renamed_from_timm: timm,
+        ..Default::default()
+    };
+    let mut pairs = Vec::new();
+    let var_names: std::collections::HashSet<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
+    for (name, var) in &vars {
+        match sd.get(name) {
+            None => report.missing.push((name.clone(), var.size())),
+            Some(t) if t.size() != var.size() => report.mismatched.push(ShapeMismatch {
+                name: name.clone(),
+                model: var.size(),
+                checkpoint: t.size(),
+            }),
+            Some(t) => pairs.push((name.clone(), var.shallow_clone(), t)),
+        }
+    }
+    for (k, t) in sd.iter() {
+        if !var_names.contains(k.as_str()) {
+            report.unexpected.push((k.clone(), t.size()));
+        }
+    }
+    if opts.strict && !report.is_clean() {
+        return Err(CheckpointError::Mismatch(Box::new(report)));
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (name, mut var, src) in pairs {
+            var.f_copy_(src)?;
+            report.loaded.push(name);
+        }
+        Ok(())
+    })?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timm_names() {
+        let cases = [
+            ("stem.0.weight", "downsample_layers.0.0.weight"),
+            ("stem.1.bias", "downsample_layers.0.1.bias"),
+            (
+                "stages.2.downsample.0.weight",
+                "downsample_layers.2.0.weight",
+            ),
+            ("stages.2.downsample.1.bias", "downsample_layers.2.1.bias"),
+            (
+                "stages.1.blocks.4.conv_dw.weight",
+                "stages.1.4.dwconv.weight",
+            ),
+            ("stages.1.blocks.4.norm.weight", "stages.1.4.norm.weight"),
+            (
+                "stages.1.blocks.4.mlp.fc1.weight",
+                "stages.1.4.pwconv1.weight",
+            ),
+            ("stages.1.blocks.4.mlp.fc2.bias", "stages.1.4.pwconv2.bias"),
+            ("stages.3.blocks.0.gamma", "stages.3.0.gamma"),
+            ("head.norm.weight", "norm.weight"),
+            ("head.fc.bias", "head.bias"),
+            (
+                "backbone.stem.0.weight",
+                "backbone.downsample_layers.0.0.weight",
+            ),
+            (
+                "neck.lateral_convs.0.conv.weight",
+                "neck.lateral_convs.0.conv.weight",
+            ),
+        ];
+        for (a, b) in cases {
+            assert_eq!(timm_to_official(a), b, "{a}");
+        }
+        assert!(is_timm_convnext_key("stem.0.weight"));
+        assert!(!is_timm_convnext_key("stages.0.0.dwconv.weight"));
+        assert!(!is_timm_convnext_key("downsample_layers.0.0.weight"));
+    }
+
+    #[test]
+    fn contiguity() {
+        assert!(is_contiguous(&[2, 3], &[3, 1]));
+        assert!(!is_contiguous(&[2, 3], &[1, 2]));
+        assert!(is_contiguous(&[1, 3], &[99, 1]));
+        assert!(is_contiguous(&[], &[]));
+    }
+}

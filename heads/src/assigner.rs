@@ -1,0 +1,182 @@
+//! mmdet's `MaxIoUAssigner` (gt_max_assign_all, low-quality matches) and `RandomSampler`
+//! (fixed number of samples with a positive fraction, optionally adding the GT boxes as
+//! proposals). Shared by the RPN and every RoI stage (Cascade uses one per stage).
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaxIoUAssigner {
+    pub pos_iou_thr: f64,
+    pub neg_iou_thr: f64,
+    pub min_pos_iou: f64,
+    pub match_low_quality: bool,
+}
+
+/// Result of an assignment: `gt_inds` per box (0 negative, -1 ignored, k>0 matched gt k-1),
+/// `labels` (-1 unless positive), `max_overlaps`.
+#[derive(Debug)]
+pub struct AssignResult {
+    pub gt_inds: Tensor,
+    pub max_overlaps: Tensor,
+    pub labels: Tensor,
+}
+
+impl MaxIoUAssigner {
+    pub fn rpn() -> Self {
+        Self {
+            pos_iou_thr: 0.7,
+            neg_iou_thr: 0.3,
+            min_pos_iou: 0.3,
+            match_low_quality: true,
+        }
+    }
+    pub fn rcnn(thr: f64) -> Self {
+        Self {
+            pos_iou_thr: thr,
+            neg_iou_thr: thr,
+            min_pos_iou: thr,
+            match_low_quality: true,
+        }
+    }
+
+    /// Assign `boxes` (N,4) to `gt` (G,4) with labels `gt_labels` (G).
+    pub fn assign(&self, boxes: &Tensor, gt: &Tensor, gt_labels: &Tensor) -> AssignResult {
+        let device = boxes.device();
+        let n = boxes.size()[0];
+        let g = gt.size()[0];
+        if g == 0 || n == 0 {
+            return AssignResult {
+                gt_inds: Tensor::full([n], if g == 0 { 0 } else { -1 }, (Kind::Int64, device)),
+                max_overlaps: Tensor::zeros([n], (Kind::Float, device)),
+                labels: Tensor::full([n], -1, (Kind::Int64, device)),
+            };
+        }
+        let overlaps = crate::boxes::bbox_overlaps(gt, boxes); // (G, N)
+        let (max_ov, argmax) = overlaps.max_dim(0, false);
+        let (gt_max, _) = overlaps.max_dim(1, false);
+        let mut inds = Tensor::full([n], -1, (Kind::Int64, device));
+        let neg = max_ov.ge(0.0).logical_and(&max_ov.lt(self.neg_iou_thr));
+        inds = inds.where_self(&neg.logical_not(), &Tensor::zeros_like(&inds));
+        let pos = max_ov.ge(self.pos_iou_thr);
+        inds = inds.where_self(&pos.logical_not(), &(&argmax + 1));
+        if self.match_low_quality {
+            // Sequential over gts as mmdet: a later gt overrides an earlier one on ties.
+            let gm = crate::boxes::to_vec_f32(&gt_max);
+            for (i, &m) in gm.iter().enumerate() {
+                if (m as f64) >= self.min_pos_iou {
+                    let hit = overlaps.get(i as i64).eq(m as f64);
+                    inds = inds
+                        .where_self(&hit.logical_not(), &Tensor::full_like(&inds, i as i64 + 1));
+                }
+            }
+        }
+        let posm = inds.gt(0);
+        let gl = gt_labels
+            .to_kind(Kind::Int64)
+            .index_select(0, &(&inds - 1).clamp_min(0));
+        let labels = gl.where_self(&posm, &Tensor::full_like(&gl, -1));
+        AssignResult {
+            gt_inds: inds,
+            max_overlaps: max_ov,
+            labels,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RandomSampler {
+    pub num: i64,
+    pub pos_fraction: f64,
+    pub add_gt_as_proposals: bool,
+}
+
+/// Sampled indices into the (possibly GT-augmented) box list.
+#[derive(Debug)]
+pub struct SamplingResult {
+    /// Boxes the indices refer to (GT prepended when `add_gt_as_proposals`).
+    pub boxes: Tensor,
+    pub pos_inds: Tensor,
+    pub neg_inds: Tensor,
+    /// Matched gt index (0-based) of each positive.
+    pub pos_gt_inds: Tensor,
+    pub pos_labels: Tensor,
+}
+
+impl SamplingResult {
+    pub fn pos_boxes(&self) -> Tensor {
+        self.boxes.index_select(0, &self.pos_inds)
+    }
+    pub fn neg_boxes(&self) -> Tensor {
+        self.boxes.index_select(0, &self.neg_inds)
+    }
+    pub fn num_pos(&self) -> i64 {
+        self.pos_inds.size()[0]
+    }
+    pub fn num_neg(&self) -> i64 {
+        self.neg_inds.size()[0]
+    }
+}
+
+fn random_choice(inds: &Tensor, k: i64) -> Tensor {
+    let n = inds.size()[0];
+    if n <= k {
+        return inds.shallow_clone();
+    }
+    let perm = Tensor::randperm(n, (Kind::Int64, inds.device())).slice(0, 0, k, 1);
+    inds.index_select(0, &perm)
+}
+
+impl RandomSampler {
+    pub fn rpn() -> Self {
+        Self {
+            num: 256,
+            pos_fraction: 0.5,
+            add_gt_as_proposals: false,
+        }
+    }
+    pub fn rcnn() -> Self {
+        Self {
+            num: 512,
+            pos_fraction: 0.25,
+            add_gt_as_proposals: true,
+        }
+    }
+
+    /// Sample from an assignment of `boxes`; with `add_gt_as_proposals` the GT boxes are
+    /// prepended and assigned to themselves first.
+    pub fn sample(
+        &self,
+        assign: &AssignResult,
+        boxes: &Tensor,
+        gt: &Tensor,
+        gt_labels: &Tensor,
+    ) -> SamplingResult {
+        let device = boxes.device();
+        let (boxes, gt_inds) = if self.add_gt_as_proposals && gt.size()[0] > 0 {
+            let g = gt.size()[0];
+            let self_inds = Tensor::arange_start(1, g + 1, (Kind::Int64, device));
+            (
+                Tensor::cat(&[gt.to_kind(boxes.kind()), boxes.shallow_clone()], 0),
+                Tensor::cat(&[self_inds, assign.gt_inds.shallow_clone()], 0),
+            )
+        } else {
+            (boxes.shallow_clone(), assign.gt_inds.shallow_clone())
+        };
+        let num_pos_exp = (self.num as f64 * self.pos_fraction) as i64;
+        let pos = gt_inds.gt(0).nonzero().view([-1]);
+        let pos = random_choice(&pos, num_pos_exp);
+        let num_neg_exp = self.num - pos.size()[0];
+        let neg = gt_inds.eq(0).nonzero().view([-1]);
+        let neg = random_choice(&neg, num_neg_exp);
+        let pos_gt_inds = gt_inds.index_select(0, &pos) - 1;
+        let pos_labels = gt_labels.to_kind(Kind::Int64).index_select(0, &pos_gt_inds);
+        SamplingResult {
+            boxes,
+            pos_inds: pos,
+            neg_inds: neg,
+            pos_gt_inds,
+            pos_labels,
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! mmdet's `SingleRoIExtractor`: each RoI is pooled from one FPN level chosen by its size
+//! (`level = floor(log2(sqrt(w*h) / finest_scale + 1e-6))`, clamped to the levels given).
+
+use crate::roi_align::roi_align;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct RoiExtractor {
+    pub output_size: i64,
+    pub strides: Vec<i64>,
+    pub finest_scale: f64,
+    pub sampling_ratio: i64,
+}
+
+impl RoiExtractor {
+    pub fn new(output_size: i64, strides: Vec<i64>) -> Self {
+        Self {
+            output_size,
+            strides,
+            finest_scale: 56.0,
+            sampling_ratio: 0,
+        }
+    }
+
+    /// Target level of each RoI (R,5).
+    pub fn map_levels(&self, rois: &Tensor) -> Tensor {
+        let scale = ((rois.select(1, 3) - rois.select(1, 1))
+            * (rois.select(1, 4) - rois.select(1, 2)))
+        .sqrt();
+        let lv = (scale / self.finest_scale + 1e-6).log2().floor();
+        lv.clamp(0.0, (self.strides.len() - 1) as f64)
+            .to_kind(Kind::Int64)
+    }
+
+    /// Pooled features (R, C, S, S) of `rois` from `feats` (the first `strides.len()` levels).
+    pub fn forward(&self, feats: &[Tensor], rois: &Tensor) -> Tensor {
+        let r = rois.size()[0];
+        let c = feats[0].size()[1];
+        let s = self.output_size;
+        let device = rois.device();
+        if r == 0 {
+            return Tensor::zeros([0, c, s, s], (feats[0].kind(), device));
+        }
+        let levels = self.map_levels(rois);
+        // RoIs mapped to no level (NaN scale from degenerate boxes) keep zero features, as in
+        // mmdet, where `roi_feats` starts as zeros and each level fills its own rows.
+        let mut out = Tensor::zeros([r, c, s, s], (feats[0].kind(), device));
+        for (l, stride) in self.strides.iter().enumerate() {
+            let inds = levels.eq(l as i64).nonzero().view([-1]);
+            if inds.size()[0] == 0 {
+                continue;
+            }
+            let sub = rois.index_select(0, &inds);
+            let pooled = roi_align(
+                &feats[l],
+                &sub,
+                (s, s),
+                1.0 / *stride as f64,
+                self.sampling_ratio,
+                true,
+            );
+            out = out.index_copy(0, &inds, &pooled);
+        }
+        out
+    }
+}

@@ -1,0 +1,303 @@
+//! mmdet's `RPNHead`: shared 3x3 conv + ReLU, 1x1 objectness (sigmoid, A per location) and 1x1
+//! deltas (4A); proposal generation (per level top `nms_pre`, decode, drop empty boxes,
+//! NMS batched by level, top `max_per_img`) and the training losses (max-IoU assignment of
+//! anchors, 256 sampled, sigmoid CE + L1 averaged over the sampled anchors).
+
+use crate::anchors::AnchorGenerator;
+use crate::assigner::{MaxIoUAssigner, RandomSampler};
+use crate::coder::DeltaXYWHCoder;
+use cnx_backbone::nn::{Conv2d, ConvOpts};
+use serde::{Deserialize, Serialize};
+use tch::nn::{Module, Path};
+use tch::{Kind, Reduction, Tensor};
+
+/// Proposal settings (mmdet `rpn` test cfg / `rpn_proposal` train cfg).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProposalCfg {
+    pub nms_pre: i64,
+    pub max_per_img: i64,
+    pub iou_threshold: f64,
+    pub min_bbox_size: f64,
+}
+
+impl ProposalCfg {
+    pub fn test() -> Self {
+        Self {
+            nms_pre: 1000,
+            max_per_img: 1000,
+            iou_threshold: 0.7,
+            min_bbox_size: 0.0,
+        }
+    }
+    pub fn train(max_per_img: i64) -> Self {
+        Self {
+            nms_pre: 2000,
+            max_per_img,
+            iou_threshold: 0.7,
+            min_bbox_size: 0.0,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RpnHead {
+    conv: Conv2d,
+    cls: Conv2d,
+    reg: Conv2d,
+    pub anchors: AnchorGenerator,
+    pub coder: DeltaXYWHCoder,
+    pub assigner: MaxIoUAssigner,
+    pub sampler: RandomSampler,
+}
+
+/// Per-level raw outputs: objectness logits (N,A,H,W) and deltas (N,4A,H,W).
+pub struct RpnOutputs {
+    pub cls: Vec<Tensor>,
+    pub reg: Vec<Tensor>,
+}
+
+impl RpnHead {
+    pub fn new(p: &Path, channels: i64, anchors: AnchorGenerator) -> Self {
+        let a = anchors.num_anchors();
+        let s = Self {
+            conv: Conv2d::new(
+                p / "rpn_conv",
+                channels,
+                channels,
+                3,
+                ConvOpts {
+                    padding: 1,
+                    ..Default::default()
+                },
+            ),
+            cls: Conv2d::new(p / "rpn_cls", channels, a, 1, ConvOpts::default()),
+            reg: Conv2d::new(p / "rpn_reg", channels, 4 * a, 1, ConvOpts::default()),
+            anchors,
+            coder: DeltaXYWHCoder::default(),
+            assigner: MaxIoUAssigner::rpn(),
+            sampler: RandomSampler::rpn(),
+        };
+        for c in [&s.conv, &s.cls, &s.reg] {
+            crate::init::normal(c.weight(), c.bias(), 0.01);
+        }
+        s
+    }
+
+    pub fn forward(&self, feats: &[Tensor]) -> RpnOutputs {
+        let mut cls = Vec::new();
+        let mut reg = Vec::new();
+        for f in feats {
+            let x = self.conv.forward(f).relu();
+            cls.push(self.cls.forward(&x));
+            reg.push(self.reg.forward(&x));
+        }
+        RpnOutputs { cls, reg }
+    }
+
+    fn level_anchors(&self, out: &RpnOutputs) -> Vec<Tensor> {
+        let sizes: Vec<(i64, i64)> = out.cls.iter().map(|t| (t.size()[2], t.size()[3])).collect();
+        self.anchors.anchors(&sizes, out.cls[0].device())
+    }
+
+    /// Proposals (K,5: x1,y1,x2,y2,score) of each image; `img_shapes` are the unpadded (h, w).
+    pub fn proposals(
+        &self,
+        out: &RpnOutputs,
+        img_shapes: &[(i64, i64)],
+        cfg: &ProposalCfg,
+    ) -> Vec<Tensor> {
+        let anchors = self.level_anchors(out);
+        let n = out.cls[0].size()[0];
+        (0..n)
+            .map(|i| {
+                tch::no_grad(|| {
+                    let mut scores = Vec::new();
+                    let mut deltas = Vec::new();
+                    let mut anc = Vec::new();
+                    let mut ids = Vec::new();
+                    for (l, (c, r)) in out.cls.iter().zip(&out.reg).enumerate() {
+                        let s = c
+                            .get(i)
+                            .to_kind(Kind::Float)
+                            .permute([1, 2, 0])
+                            .reshape([-1])
+                            .sigmoid();
+                        let d = r
+                            .get(i)
+                            .to_kind(Kind::Float)
+                            .permute([1, 2, 0])
+                            .reshape([-1, 4]);
+                        let (s, d, a) = if cfg.nms_pre > 0 && cfg.nms_pre < s.size()[0] {
+                            let (ranked, rank) = s.sort_stable(true, 0, true);
+                            let top = rank.slice(0, 0, cfg.nms_pre, 1);
+                            (
+                                ranked.slice(0, 0, cfg.nms_pre, 1),
+                                d.index_select(0, &top),
+                                anchors[l].index_select(0, &top),
+                            )
+                        } else {
+                            (s, d, anchors[l].shallow_clone())
+                        };
+                        ids.push(Tensor::full(
+                            [s.size()[0]],
+                            l as i64,
+                            (Kind::Int64, s.device()),
+                        ));
+                        scores.push(s);
+                        deltas.push(d);
+                        anc.push(a);
+                    }
+                    let scores = Tensor::cat(&scores, 0);
+                    let anc = Tensor::cat(&anc, 0);
+                    let deltas = Tensor::cat(&deltas, 0);
+                    let ids = Tensor::cat(&ids, 0);
+                    let (h, w) = img_shapes[i as usize];
+                    let mut props = self.coder.decode(&anc, &deltas, Some((h as f64, w as f64)));
+                    let mut scores = scores;
+                    let mut ids = ids;
+                    if cfg.min_bbox_size >= 0.0 {
+                        let bw = props.select(1, 2) - props.select(1, 0);
+                        let bh = props.select(1, 3) - props.select(1, 1);
+                        let valid = bw
+                            .gt(cfg.min_bbox_size)
+                            .logical_and(&bh.gt(cfg.min_bbox_size));
+                        if !bool::try_from(valid.all()).unwrap_or(true) {
+                            let k = valid.nonzero().view([-1]);
+                            props = props.index_select(0, &k);
+                            scores = scores.index_select(0, &k);
+                            ids = ids.index_select(0, &k);
+                        }
+                    }
+                    if props.size()[0] == 0 {
+                        return Tensor::zeros([0, 5], (Kind::Float, props.device()));
+                    }
+                    let keep =
+                        crate::nms::mmcv_batched_nms(&props, &scores, &ids, cfg.iou_threshold);
+                    let keep = keep.slice(0, 0, cfg.max_per_img.min(keep.size()[0]), 1);
+                    Tensor::cat(
+                        &[
+                            props.index_select(0, &keep),
+                            scores.index_select(0, &keep).unsqueeze(1),
+                        ],
+                        1,
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// RPN losses `(loss_rpn_cls, loss_rpn_bbox)` for GT boxes per image (crowd excluded).
+    pub fn loss(
+        &self,
+        out: &RpnOutputs,
+        img_shapes: &[(i64, i64)],
+        gt_boxes: &[Tensor],
+    ) -> (Tensor, Tensor) {
+        let anchors = self.level_anchors(out);
+        let device = out.cls[0].device();
+        let all_anchors = Tensor::cat(&anchors, 0);
+        let n = out.cls[0].size()[0];
+        let mut labels_all = Vec::new();
+        let mut lw_all = Vec::new();
+        let mut tgt_all = Vec::new();
+        let mut bw_all = Vec::new();
+        let mut num_samples = 0i64;
+        for i in 0..n {
+            let (labels, lw, tgt, bw) = tch::no_grad(|| {
+                let valid: Vec<Tensor> = out
+                    .cls
+                    .iter()
+                    .enumerate()
+                    .map(|(l, c)| {
+                        self.anchors.valid_flags(
+                            l,
+                            (c.size()[2], c.size()[3]),
+                            img_shapes[i as usize],
+                            device,
+                        )
+                    })
+                    .collect();
+                let valid = Tensor::cat(&valid, 0);
+                let vidx = valid.nonzero().view([-1]);
+                let anc = all_anchors.index_select(0, &vidx);
+                let gt = &gt_boxes[i as usize];
+                let gl = Tensor::zeros([gt.size()[0]], (Kind::Int64, device));
+                let assign = self.assigner.assign(&anc, gt, &gl);
+                let s = self.sampler.sample(&assign, &anc, gt, &gl);
+                let total = all_anchors.size()[0];
+                let na = anc.size()[0];
+                let mut labels = Tensor::zeros([na], (Kind::Float, device));
+                let mut lw = Tensor::zeros([na], (Kind::Float, device));
+                let mut tgt = Tensor::zeros([na, 4], (Kind::Float, device));
+                let mut bw = Tensor::zeros([na, 4], (Kind::Float, device));
+                if s.num_pos() > 0 {
+                    let pb = s.pos_boxes();
+                    let pg = gt.index_select(0, &s.pos_gt_inds);
+                    let t = self.coder.encode(&pb, &pg);
+                    let _ = tgt.index_copy_(0, &s.pos_inds, &t);
+                    let _ = bw.index_fill_(0, &s.pos_inds, 1.0);
+                    let _ = labels.index_fill_(0, &s.pos_inds, 1.0);
+                    let _ = lw.index_fill_(0, &s.pos_inds, 1.0);
+                }
+                if s.num_neg() > 0 {
+                    let _ = lw.index_fill_(0, &s.neg_inds, 1.0);
+                }
+                let unmap = |t: &Tensor, fill: f64| {
+                    let mut shape = t.size();
+                    shape[0] = total;
+                    let z = Tensor::full(shape.as_slice(), fill, (t.kind(), device));
+                    z.index_copy(0, &vidx, t)
+                };
+                (
+                    unmap(&labels, 0.0),
+                    unmap(&lw, 0.0),
+                    unmap(&tgt, 0.0),
+                    unmap(&bw, 0.0),
+                )
+            });
+            num_samples += i64::try_from(lw.gt(0.0).sum(Kind::Int64)).unwrap_or(0);
+            labels_all.push(labels);
+            lw_all.push(lw);
+            tgt_all.push(tgt);
+            bw_all.push(bw);
+        }
+        let avg = num_samples.max(1) as f64;
+        // Predictions in the anchors' order: per image, per level (H, W, A).
+        let cls_pred: Vec<Tensor> = (0..n)
+            .map(|i| {
+                Tensor::cat(
+                    &out.cls
+                        .iter()
+                        .map(|c| c.get(i).permute([1, 2, 0]).reshape([-1]))
+                        .collect::<Vec<_>>(),
+                    0,
+                )
+            })
+            .collect();
+        let reg_pred: Vec<Tensor> = (0..n)
+            .map(|i| {
+                Tensor::cat(
+                    &out.reg
+                        .iter()
+                        .map(|r| r.get(i).permute([1, 2, 0]).reshape([-1, 4]))
+                        .collect::<Vec<_>>(),
+                    0,
+                )
+            })
+            .collect();
+        let cls_pred = Tensor::cat(&cls_pred, 0);
+        let reg_pred = Tensor::cat(&reg_pred, 0);
+        let labels = Tensor::cat(&labels_all, 0);
+        let lw = Tensor::cat(&lw_all, 0);
+        let tgt = Tensor::cat(&tgt_all, 0);
+        let bw = Tensor::cat(&bw_all, 0);
+        let loss_cls = cls_pred.binary_cross_entropy_with_logits::<Tensor>(
+            &labels,
+            Some(lw),
+            None,
+            Reduction::Sum,
+        ) / avg;
+        let loss_bbox = ((reg_pred - tgt).abs() * bw).sum(Kind::Float) / avg;
+        (loss_cls, loss_bbox)
+    }
+}

@@ -1,0 +1,156 @@
+//! `cnx test --preset P --weights W --coco ANN.json --images DIR [--out RES.json] [--eval bbox segm]`:
+//! run a detector over a COCO-format dataset (test pipeline 1333x800, progress bar), write the
+//! COCO results file and evaluate it with cnx-eval (pycocotools' numbers). Images that cannot
+//! be read are named, counted and skipped. `upernet_*` presets run ADE20K through `cmd::seg`.
+
+use anyhow::{bail, Context, Result};
+use cnx_datasets::loader::collate_det;
+use cnx_datasets::pipeline::TestPipeline;
+use cnx_datasets::CocoDataset;
+use cnx_eval::coco::{evaluate, parse_results, CocoGt, IouType};
+use cnx_heads::results::{to_coco, CocoResult};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    #[arg(long)]
+    pub preset: String,
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// COCO annotation file (detectors).
+    #[arg(long)]
+    pub coco: Option<PathBuf>,
+    /// Image directory of the annotation file (detectors).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Where to write the COCO results JSON (default: results.json next to nothing else).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Metrics: bbox and/or segm.
+    #[arg(long, num_args = 1.., default_values_t = vec!["bbox".to_string(), "segm".to_string()])]
+    pub eval: Vec<String>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Load a checkpoint trained for another number of classes without its class-specific layers.
+    #[arg(long)]
+    pub drop_class_layers: bool,
+    /// Stop after this many images (quick checks).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Segmentors: whole-image or sliding-window inference (default: the preset's).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Segmentors: multi-scale + flip test.
+    #[arg(long)]
+    pub aug_test: bool,
+    /// Segmentors: ADE20K root (ADEChallengeData2016 layout).
+    #[arg(long)]
+    pub ade_root: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let device = crate::cmd::seg::parse_device(&args.device)?;
+    if args.preset.starts_with("upernet_") {
+        let mode = match args.mode.as_deref() {
+            None => None,
+            Some(m) => Some(m.parse().map_err(|e| anyhow::anyhow!("--mode: {e}"))?),
+        };
+        let Some(ade_root) = args.ade_root.clone() else {
+            bail!("--ade-root is required for {}", args.preset)
+        };
+        let o = crate::cmd::seg::TestOpts {
+            cfg: cnx_heads::segmentor::SegmentorConfig::preset(&args.preset)?,
+            weights: args.weights.clone(),
+            ade_root,
+            mode,
+            aug_test: args.aug_test,
+            out_dir: None,
+            device,
+        };
+        crate::cmd::seg::test_with(&o)?;
+        return Ok(());
+    }
+    let (Some(ann), Some(img_dir)) = (args.coco.clone(), args.images.clone()) else {
+        bail!(
+            "--coco ANN.json and --images DIR are required for {}",
+            args.preset
+        )
+    };
+    let mut types = Vec::new();
+    for e in &args.eval {
+        types.push(match e.as_str() {
+            "bbox" => IouType::Bbox,
+            "segm" => IouType::Segm,
+            o => bail!("unknown --eval '{o}' (bbox, segm)"),
+        });
+    }
+    let (_vs, det) = crate::cmd::predict::load_detector(
+        &args.preset,
+        &args.weights,
+        args.drop_class_layers,
+        device,
+    )?;
+    let ds =
+        CocoDataset::load(&ann, &img_dir).with_context(|| format!("reading {}", ann.display()))?;
+    let pipe = TestPipeline::default();
+    let n = args.limit.unwrap_or(ds.images.len()).min(ds.images.len());
+    let pb = ProgressBar::new(n as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap(),
+    );
+    let mut results: Vec<CocoResult> = Vec::new();
+    let mut failed = 0usize;
+    let t0 = std::time::Instant::now();
+    for i in 0..n {
+        let sample = match pipe.run(&ds, i, false) {
+            Ok(s) => s,
+            Err(e) => {
+                pb.println(format!("skipping {}: {e}", ds.images[i].file_name));
+                failed += 1;
+                pb.inc(1);
+                continue;
+            }
+        };
+        let image_id = sample.meta.image_id;
+        let file_name = sample.meta.file_name.clone();
+        let batch = collate_det(vec![sample], pipe.size_divisor, 0, i);
+        let dets = det.predict_batch(&batch, device);
+        results.extend(to_coco(&dets[0], image_id, Some(&file_name), &|l| {
+            ds.label_to_cat(l as usize)
+        }));
+        pb.inc(1);
+        pb.set_message(format!(
+            "{:.2} img/s",
+            (i + 1) as f64 / t0.elapsed().as_secs_f64()
+        ));
+    }
+    pb.finish();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("results.json"));
+    let bytes = serde_json::to_vec(&results)?;
+    std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "{} detections on {} images → {}",
+        results.len(),
+        n - failed,
+        out.display()
+    );
+    if failed > 0 {
+        eprintln!("{failed} images could not be read and were skipped");
+    }
+    let gt = CocoGt::load(&ann)?;
+    let dets = parse_results(&bytes, &out.display().to_string())?;
+    for t in types {
+        let ev = evaluate(&gt, &dets, t)?;
+        println!("Evaluate annotation type *{}*", t.name());
+        println!("{}", ev.summary.format_pycocotools());
+    }
+    Ok(())
+}

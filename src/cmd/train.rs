@@ -1,0 +1,134 @@
+//! `cnx train`: train a detector or segmentor from a preset or a TOML config, with single-field
+//! overrides, resume, a pretrained backbone, progress, logs, plots and checkpoints.
+
+use crate::engine::config::Config;
+use crate::engine::presets;
+use crate::engine::tasks;
+use crate::engine::trainer::{self, RunOptions, Summary};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Preset name (see `cnx presets`); or give --config.
+    preset: Option<String>,
+    /// TOML config (e.g. an edited `cnx config show PRESET`).
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// Override one field: dotted path into the TOML (repeatable), e.g. --set optimizer.lr=2e-4.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Resume from a checkpoint: a state/weights file, a work dir, or `auto` (latest in the work
+    /// dir; a fresh start when there is none).
+    #[arg(long, num_args = 0..=1, default_missing_value = "auto", value_name = "FILE|auto")]
+    resume: Option<String>,
+    /// ImageNet ConvNeXt checkpoint (official .pth, timm, safetensors) for the backbone.
+    #[arg(long)]
+    pretrained: Option<PathBuf>,
+    /// Work directory (checkpoints, log.jsonl, curves.png); default work_dirs/<name>.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Device: auto, cpu, cuda, cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// Stop after this many iterations (the schedule keeps its configured length).
+    #[arg(long)]
+    stop_at: Option<u64>,
+    /// Skip periodic and final evaluation.
+    #[arg(long)]
+    no_eval: bool,
+    /// Print the final summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The config an invocation describes: preset or file, then the explicit flags, then --set.
+pub fn resolve_config(
+    preset: Option<&str>,
+    file: Option<&PathBuf>,
+    sets: &[String],
+) -> Result<Config> {
+    let base = match (preset, file) {
+        (Some(p), None) => presets::find(p)?.config(),
+        (None, Some(f)) => Config::load(f)?,
+        (None, None) => bail!("give a preset name or --config FILE (see `cnx presets`)"),
+        (Some(_), Some(_)) => bail!("give either a preset or --config, not both"),
+    };
+    let cfg = base.with_overrides(sets)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Train `cfg` end to end (the one code path of `cnx train` and `cnx demo`).
+pub fn train_config(
+    cfg: &Config,
+    opts: &RunOptions,
+) -> Result<(Summary, Box<dyn tasks::DemoTask>)> {
+    cfg.validate()?;
+    let device = trainer::device_of(&cfg.runtime.device)?;
+    if cfg.runtime.threads > 0 {
+        tch::set_num_threads(cfg.runtime.threads);
+    }
+    // Model config errors (e.g. Cascade not built yet) and missing data come before any work.
+    match cfg.task {
+        crate::engine::config::Task::Det => drop(tasks::detector_config(cfg)?),
+        crate::engine::config::Task::Seg => drop(tasks::segmentor_config(cfg)?),
+    }
+    let mut task = tasks::build(cfg, device)?;
+    let summary = trainer::train(cfg, task.as_train(), device, opts)?;
+    Ok((summary, task))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut sets = vec![];
+    if let Some(p) = &args.pretrained {
+        if !p.exists() {
+            bail!("--pretrained {}: file not found", p.display());
+        }
+        sets.push(format!(
+            "model.backbone.pretrained={:?}",
+            p.display().to_string()
+        ));
+    }
+    if let Some(w) = &args.work_dir {
+        sets.push(format!("runtime.work_dir={:?}", w.display().to_string()));
+    }
+    if let Some(d) = &args.device {
+        sets.push(format!("runtime.device={d:?}"));
+    }
+    sets.extend(args.sets.iter().cloned());
+    let cfg = resolve_config(args.preset.as_deref(), args.config.as_ref(), &sets)?;
+    let opts = RunOptions {
+        resume: args.resume.clone(),
+        stop_at: args.stop_at,
+        quiet: false,
+        no_eval: args.no_eval,
+    };
+    let (s, _task) = train_config(&cfg, &opts)?;
+    if args.json {
+        let v = serde_json::json!({
+            "iter": s.iter,
+            "work_dir": s.work_dir,
+            "weights": s.weights,
+            "metrics": s.metrics,
+            "seconds": s.seconds,
+            "interrupted": s.interrupted,
+        });
+        println!("{v}");
+    } else {
+        println!("work dir   {}", s.work_dir.display());
+        if let Some(w) = &s.weights {
+            println!("weights    {}", w.display());
+        }
+        println!("log        {}", s.work_dir.join("log.jsonl").display());
+        println!("curves     {}", s.work_dir.join("curves.png").display());
+        for (k, v) in &s.metrics {
+            println!("{k:<12} {v:.4}");
+        }
+        println!("time       {:.1} s", s.seconds);
+    }
+    if s.interrupted {
+        std::process::exit(130);
+    }
+    Ok(())
+}

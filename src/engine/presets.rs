@@ -1,0 +1,579 @@
+//! The paper's training recipes as named presets (one per ConvNeXt row of its COCO and ADE20K
+//! tables, see shared/spec/recipes.md), plus the small demo presets `make demo` trains on CPU.
+
+use super::config::*;
+use std::path::PathBuf;
+
+/// What the paper reports for a preset's row.
+#[derive(Debug, Clone, Copy)]
+pub enum PaperNumbers {
+    /// COCO val2017: box AP, mask AP, params (M), FLOPs (G at 1280x800).
+    Coco {
+        box_ap: f64,
+        mask_ap: f64,
+        params_m: f64,
+        flops_g: f64,
+    },
+    /// ADE20K val: mIoU single-scale and multi-scale+flip, params (M), FLOPs (G).
+    Ade {
+        miou_ss: f64,
+        miou_ms: f64,
+        params_m: f64,
+        flops_g: f64,
+    },
+    /// Demo presets: no paper row.
+    None,
+}
+
+/// One named recipe.
+#[derive(Debug, Clone)]
+pub struct Preset {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub paper: PaperNumbers,
+    build: fn() -> Config,
+}
+
+impl Preset {
+    pub fn config(&self) -> Config {
+        (self.build)()
+    }
+}
+
+/// Every preset, paper rows first, then the demos.
+pub fn all() -> Vec<Preset> {
+    use PaperNumbers::*;
+    vec![
+        Preset {
+            name: "mask_rcnn_convnext_tiny_3x",
+            description: "Mask R-CNN, ConvNeXt-T (IN-1K), COCO 3x",
+            paper: Coco {
+                box_ap: 46.2,
+                mask_ap: 41.7,
+                params_m: 48.0,
+                flops_g: 262.0,
+            },
+            build: || det(Arch::MaskRcnn, "tiny", 1e-4, 0.95, 0.4),
+        },
+        Preset {
+            name: "cascade_mask_rcnn_convnext_tiny_3x",
+            description: "Cascade Mask R-CNN, ConvNeXt-T (IN-1K), COCO 3x",
+            paper: Coco {
+                box_ap: 50.4,
+                mask_ap: 43.7,
+                params_m: 86.0,
+                flops_g: 741.0,
+            },
+            build: || det(Arch::CascadeMaskRcnn, "tiny", 2e-4, 0.7, 0.4),
+        },
+        Preset {
+            name: "cascade_mask_rcnn_convnext_small_3x",
+            description: "Cascade Mask R-CNN, ConvNeXt-S (IN-1K), COCO 3x",
+            paper: Coco {
+                box_ap: 51.9,
+                mask_ap: 45.0,
+                params_m: 108.0,
+                flops_g: 827.0,
+            },
+            build: || det(Arch::CascadeMaskRcnn, "small", 2e-4, 0.7, 0.6),
+        },
+        Preset {
+            name: "cascade_mask_rcnn_convnext_base_3x",
+            description: "Cascade Mask R-CNN, ConvNeXt-B (IN-1K), COCO 3x",
+            paper: Coco {
+                box_ap: 52.7,
+                mask_ap: 45.6,
+                params_m: 146.0,
+                flops_g: 964.0,
+            },
+            build: || det(Arch::CascadeMaskRcnn, "base", 2e-4, 0.8, 0.7),
+        },
+        Preset {
+            name: "cascade_mask_rcnn_convnext_base_3x_in22k",
+            description: "Cascade Mask R-CNN, ConvNeXt-B (IN-22K), COCO 3x",
+            paper: Coco {
+                box_ap: 54.0,
+                mask_ap: 46.9,
+                params_m: 146.0,
+                flops_g: 964.0,
+            },
+            build: || det(Arch::CascadeMaskRcnn, "base", 1e-4, 0.8, 0.6),
+        },
+        Preset {
+            name: "cascade_mask_rcnn_convnext_large_3x_in22k",
+            description: "Cascade Mask R-CNN, ConvNeXt-L (IN-22K), COCO 3x",
+            paper: Coco {
+                box_ap: 54.8,
+                mask_ap: 47.6,
+                params_m: 255.0,
+                flops_g: 1354.0,
+            },
+            build: || det(Arch::CascadeMaskRcnn, "large", 1e-4, 0.7, 0.7),
+        },
+        Preset {
+            name: "cascade_mask_rcnn_convnext_xlarge_3x_in22k",
+            description: "Cascade Mask R-CNN, ConvNeXt-XL (IN-22K), COCO 3x",
+            paper: Coco {
+                box_ap: 55.2,
+                mask_ap: 47.7,
+                params_m: 407.0,
+                flops_g: 1898.0,
+            },
+            build: || det(Arch::CascadeMaskRcnn, "xlarge", 1e-4, 0.7, 0.8),
+        },
+        Preset {
+            name: "upernet_convnext_tiny_512_160k",
+            description: "UperNet, ConvNeXt-T (IN-1K), ADE20K 512x512 160k",
+            paper: Ade {
+                miou_ss: 46.0,
+                miou_ms: 46.7,
+                params_m: 60.0,
+                flops_g: 939.0,
+            },
+            build: || seg("tiny", 512, 1e-4, 0.4),
+        },
+        Preset {
+            name: "upernet_convnext_small_512_160k",
+            description: "UperNet, ConvNeXt-S (IN-1K), ADE20K 512x512 160k",
+            paper: Ade {
+                miou_ss: 48.7,
+                miou_ms: 49.6,
+                params_m: 82.0,
+                flops_g: 1027.0,
+            },
+            build: || seg("small", 512, 1e-4, 0.3),
+        },
+        Preset {
+            name: "upernet_convnext_base_512_160k",
+            description: "UperNet, ConvNeXt-B (IN-1K), ADE20K 512x512 160k",
+            paper: Ade {
+                miou_ss: 49.1,
+                miou_ms: 49.9,
+                params_m: 122.0,
+                flops_g: 1170.0,
+            },
+            build: || seg("base", 512, 1e-4, 0.4),
+        },
+        Preset {
+            name: "upernet_convnext_base_640_160k_in22k",
+            description: "UperNet, ConvNeXt-B (IN-22K), ADE20K 640x640 160k",
+            paper: Ade {
+                miou_ss: 52.6,
+                miou_ms: 53.1,
+                params_m: 122.0,
+                flops_g: 1828.0,
+            },
+            build: || seg("base", 640, 1e-4, 0.4),
+        },
+        Preset {
+            name: "upernet_convnext_large_640_160k_in22k",
+            description: "UperNet, ConvNeXt-L (IN-22K), ADE20K 640x640 160k",
+            paper: Ade {
+                miou_ss: 53.2,
+                miou_ms: 53.7,
+                params_m: 235.0,
+                flops_g: 2458.0,
+            },
+            build: || seg("large", 640, 1e-4, 0.4),
+        },
+        Preset {
+            name: "upernet_convnext_xlarge_640_160k_in22k",
+            description: "UperNet, ConvNeXt-XL (IN-22K), ADE20K 640x640 160k",
+            paper: Ade {
+                miou_ss: 53.6,
+                miou_ms: 54.0,
+                params_m: 391.0,
+                flops_g: 3335.0,
+            },
+            build: || seg("xlarge", 640, 8e-5, 0.4),
+        },
+        Preset {
+            name: "demo_mask_rcnn_convnext_nano",
+            description: "demo: tiny ConvNeXt Mask R-CNN on synthetic COCO-format shapes (CPU)",
+            paper: None,
+            build: demo_det,
+        },
+        Preset {
+            name: "demo_upernet_convnext_nano",
+            description: "demo: tiny ConvNeXt UperNet on synthetic ADE-format scenes (CPU)",
+            paper: None,
+            build: demo_seg,
+        },
+    ]
+}
+
+/// Look a preset up by name; the error lists the valid names.
+pub fn find(name: &str) -> anyhow::Result<Preset> {
+    all().into_iter().find(|p| p.name == name).ok_or_else(|| {
+        let names: Vec<&str> = all().iter().map(|p| p.name).collect();
+        anyhow::anyhow!(
+            "unknown preset {name:?}; known presets:\n  {}",
+            names.join("\n  ")
+        )
+    })
+}
+
+/// Depths and widths of the ConvNeXt variants (paper Table / models.md).
+pub fn convnext_arch(size: &str) -> (Vec<i64>, Vec<i64>) {
+    match size {
+        "tiny" => (vec![3, 3, 9, 3], vec![96, 192, 384, 768]),
+        "small" => (vec![3, 3, 27, 3], vec![96, 192, 384, 768]),
+        "base" => (vec![3, 3, 27, 3], vec![128, 256, 512, 1024]),
+        "large" => (vec![3, 3, 27, 3], vec![192, 384, 768, 1536]),
+        "xlarge" => (vec![3, 3, 27, 3], vec![256, 512, 1024, 2048]),
+        other => panic!("no ConvNeXt size {other}"),
+    }
+}
+
+fn backbone(size: &str, drop_path: f64) -> BackboneConfig {
+    let (depths, dims) = convnext_arch(size);
+    BackboneConfig {
+        variant: format!("convnext_{size}"),
+        depths,
+        dims,
+        drop_path_rate: drop_path,
+        layer_scale_init: 1.0,
+        out_indices: vec![0, 1, 2, 3],
+        pretrained: String::new(),
+    }
+}
+
+fn det_heads(cascade: bool) -> DetHeadConfig {
+    DetHeadConfig {
+        fpn_channels: 256,
+        rpn_train_nms_pre: 2000,
+        rpn_train_max_per_img: if cascade { 2000 } else { 1000 },
+        rpn_test_nms_pre: 1000,
+        rpn_test_max_per_img: 1000,
+        rpn_nms_iou: 0.7,
+        rcnn_train_num_rois: 512,
+        rcnn_pos_fraction: 0.25,
+        roi_fc_channels: 1024,
+        mask_convs: 4,
+        test_score_thr: 0.05,
+        test_nms_iou: 0.5,
+        test_max_per_img: 100,
+        mask_thr: 0.5,
+    }
+}
+
+fn coco_data() -> DataConfig {
+    DataConfig {
+        format: "coco".into(),
+        root: PathBuf::from("data/coco"),
+        train_ann: "annotations/instances_train2017.json".into(),
+        train_images: "train2017".into(),
+        val_ann: "annotations/instances_val2017.json".into(),
+        val_images: "val2017".into(),
+        pipeline: "detr".into(),
+        img_scale: [1333, 800],
+        crop_size: [0, 0],
+        batch_size: 16,
+        workers: 4,
+        val_max_images: 0,
+    }
+}
+
+fn det(arch: Arch, size: &str, lr: f64, decay_rate: f64, drop_path: f64) -> Config {
+    let cascade = arch == Arch::CascadeMaskRcnn;
+    let prefix = if cascade {
+        "cascade_mask_rcnn"
+    } else {
+        "mask_rcnn"
+    };
+    let in22k = cascade && lr == 1e-4;
+    Config {
+        name: format!(
+            "{prefix}_convnext_{size}_3x{}",
+            if in22k { "_in22k" } else { "" }
+        ),
+        task: Task::Det,
+        model: ModelConfig {
+            arch,
+            backbone: backbone(size, drop_path),
+            num_classes: 80,
+            det: Some(det_heads(cascade)),
+            seg: None,
+        },
+        data: coco_data(),
+        optimizer: OptimizerConfig {
+            lr,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.05,
+            decay_type: DecayType::LayerWise,
+            decay_rate,
+            num_layers: 6,
+            base_batch_size: 16,
+            scale_lr: true,
+            no_decay_keys: vec![],
+        },
+        schedule: ScheduleConfig {
+            policy: Policy::Step,
+            warmup_iters: 500,
+            warmup_ratio: 0.001,
+            step_epochs: vec![27, 33],
+            gamma: 0.1,
+            power: 1.0,
+            min_lr: 0.0,
+        },
+        runtime: RuntimeConfig {
+            max_epochs: 36,
+            max_iters: 0,
+            // COCO train2017 at batch 16 is ~7330 iterations per epoch.
+            checkpoint_interval: 7330,
+            eval_interval: 7330 * 3,
+            log_interval: 50,
+            amp: Amp::Fp16,
+            grad_accum: 1,
+            clip_grad_norm: 0.0,
+            seed: 0,
+            device: "auto".into(),
+            work_dir: String::new(),
+            threads: 0,
+            keep_checkpoints: 3,
+        },
+    }
+}
+
+fn seg(size: &str, crop: u32, lr: f64, drop_path: f64) -> Config {
+    let (scale, stride) = if crop == 640 {
+        ([2560, 640], 426)
+    } else {
+        ([2048, 512], 341)
+    };
+    Config {
+        name: format!(
+            "upernet_convnext_{size}_{crop}_160k{}",
+            if crop == 640 { "_in22k" } else { "" }
+        ),
+        task: Task::Seg,
+        model: ModelConfig {
+            arch: Arch::Upernet,
+            backbone: backbone(size, drop_path),
+            num_classes: 150,
+            det: None,
+            seg: Some(SegHeadConfig {
+                channels: 512,
+                pool_scales: vec![1, 2, 3, 6],
+                aux_channels: 256,
+                aux_loss_weight: 0.4,
+                dropout: 0.1,
+                test_mode: "slide".into(),
+                test_crop: crop as i64,
+                test_stride: stride,
+            }),
+        },
+        data: DataConfig {
+            format: "ade".into(),
+            root: PathBuf::from("data/ade/ADEChallengeData2016"),
+            train_ann: "annotations/training".into(),
+            train_images: "images/training".into(),
+            val_ann: "annotations/validation".into(),
+            val_images: "images/validation".into(),
+            pipeline: "ade".into(),
+            img_scale: scale,
+            crop_size: [crop, crop],
+            batch_size: 16,
+            workers: 4,
+            val_max_images: 0,
+        },
+        optimizer: OptimizerConfig {
+            lr,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.05,
+            decay_type: DecayType::StageWise,
+            decay_rate: 0.9,
+            num_layers: 6,
+            base_batch_size: 16,
+            scale_lr: true,
+            no_decay_keys: vec![],
+        },
+        schedule: ScheduleConfig {
+            policy: Policy::Poly,
+            warmup_iters: 1500,
+            warmup_ratio: 1e-6,
+            step_epochs: vec![],
+            gamma: 0.1,
+            power: 1.0,
+            min_lr: 0.0,
+        },
+        runtime: RuntimeConfig {
+            max_epochs: 0,
+            max_iters: 160_000,
+            checkpoint_interval: 16_000,
+            eval_interval: 16_000,
+            log_interval: 50,
+            amp: Amp::Fp16,
+            grad_accum: 1,
+            clip_grad_norm: 0.0,
+            seed: 0,
+            device: "auto".into(),
+            work_dir: String::new(),
+            threads: 0,
+            keep_checkpoints: 3,
+        },
+    }
+}
+
+/// Demo detector: a "nano" ConvNeXt (depths 1,1,2,1, dims 16..128) with a 64-channel FPN at
+/// ~256 px, trained from scratch on CPU. Tuned so `make demo` shows learning in minutes.
+fn demo_det() -> Config {
+    let mut c = det(Arch::MaskRcnn, "tiny", 1e-4, 0.95, 0.0);
+    c.name = "demo_mask_rcnn_convnext_nano".into();
+    c.model.backbone = BackboneConfig {
+        variant: "convnext_nano_demo".into(),
+        depths: vec![1, 1, 2, 1],
+        dims: vec![16, 32, 64, 128],
+        drop_path_rate: 0.0,
+        layer_scale_init: 1.0,
+        out_indices: vec![0, 1, 2, 3],
+        pretrained: String::new(),
+    };
+    // cnx_datasets::synth::coco draws six shape classes.
+    c.model.num_classes = 6;
+    let h = c.model.det.as_mut().unwrap();
+    h.fpn_channels = 64;
+    h.rpn_train_nms_pre = 500;
+    h.rpn_train_max_per_img = 200;
+    h.rpn_test_nms_pre = 300;
+    h.rpn_test_max_per_img = 100;
+    h.rcnn_train_num_rois = 128;
+    h.roi_fc_channels = 256;
+    h.mask_convs = 2;
+    h.test_max_per_img = 50;
+    c.data = DataConfig {
+        format: "coco".into(),
+        root: PathBuf::from("work_dirs/demo_det/data"),
+        train_ann: "annotations/instances_train.json".into(),
+        train_images: "train".into(),
+        val_ann: "annotations/instances_val.json".into(),
+        val_images: "val".into(),
+        pipeline: "simple".into(),
+        img_scale: [256, 256],
+        crop_size: [0, 0],
+        batch_size: 4,
+        workers: 2,
+        val_max_images: 0,
+    };
+    c.optimizer.lr = 2e-3;
+    c.optimizer.base_batch_size = 4;
+    c.optimizer.decay_rate = 1.0;
+    c.schedule = ScheduleConfig {
+        policy: Policy::Step,
+        warmup_iters: 50,
+        warmup_ratio: 0.001,
+        step_epochs: vec![9, 11],
+        gamma: 0.1,
+        power: 1.0,
+        min_lr: 0.0,
+    };
+    // 240 training images / batch 4 = 60 iterations per epoch.
+    c.runtime.max_epochs = 12;
+    c.runtime.checkpoint_interval = 300;
+    c.runtime.eval_interval = 150;
+    c.runtime.log_interval = 20;
+    c.runtime.amp = Amp::None;
+    c.runtime.device = "cpu".into();
+    // One libtorch thread: these tensors are small, and OpenMP's spin-waiting on a busy 2-core
+    // machine cost 3-4x in measurements; the data loader uses the other core.
+    c.runtime.threads = 1;
+    c.runtime.keep_checkpoints = 2;
+    c
+}
+
+/// Demo segmentor: nano ConvNeXt + 64-channel UperNet on 128 px synthetic scenes.
+fn demo_seg() -> Config {
+    let mut c = seg("tiny", 512, 1e-4, 0.0);
+    c.name = "demo_upernet_convnext_nano".into();
+    c.model.backbone = BackboneConfig {
+        variant: "convnext_nano_demo".into(),
+        depths: vec![1, 1, 2, 1],
+        dims: vec![16, 32, 64, 128],
+        drop_path_rate: 0.0,
+        layer_scale_init: 1.0,
+        out_indices: vec![0, 1, 2, 3],
+        pretrained: String::new(),
+    };
+    // cnx_datasets::synth::ade: sky, floor and six shapes (label 0 "other" is ignored).
+    c.model.num_classes = 8;
+    let h = c.model.seg.as_mut().unwrap();
+    h.channels = 64;
+    h.aux_channels = 32;
+    h.test_mode = "whole".into();
+    h.test_crop = 128;
+    h.test_stride = 96;
+    c.data = DataConfig {
+        format: "ade".into(),
+        root: PathBuf::from("work_dirs/demo_seg/data"),
+        train_ann: "annotations/training".into(),
+        train_images: "images/training".into(),
+        val_ann: "annotations/validation".into(),
+        val_images: "images/validation".into(),
+        pipeline: "simple".into(),
+        img_scale: [128, 128],
+        crop_size: [128, 128],
+        batch_size: 8,
+        workers: 2,
+        val_max_images: 0,
+    };
+    c.optimizer.lr = 2e-3;
+    c.optimizer.base_batch_size = 8;
+    c.optimizer.decay_rate = 1.0;
+    c.schedule.warmup_iters = 50;
+    c.schedule.warmup_ratio = 1e-3;
+    c.runtime.max_iters = 600;
+    c.runtime.checkpoint_interval = 300;
+    c.runtime.eval_interval = 150;
+    c.runtime.log_interval = 20;
+    c.runtime.amp = Amp::None;
+    c.runtime.device = "cpu".into();
+    c.runtime.threads = 1;
+    c.runtime.keep_checkpoints = 2;
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_their_config_and_recipe_table() {
+        let ps = all();
+        assert_eq!(ps.len(), 15);
+        for p in &ps {
+            assert_eq!(p.config().name, p.name);
+        }
+        // recipes.md table: (lr, decay_rate, drop_path).
+        let table = [
+            ("mask_rcnn_convnext_tiny_3x", 1e-4, 0.95, 0.4),
+            ("cascade_mask_rcnn_convnext_tiny_3x", 2e-4, 0.7, 0.4),
+            ("cascade_mask_rcnn_convnext_small_3x", 2e-4, 0.7, 0.6),
+            ("cascade_mask_rcnn_convnext_base_3x", 2e-4, 0.8, 0.7),
+            ("cascade_mask_rcnn_convnext_base_3x_in22k", 1e-4, 0.8, 0.6),
+            ("cascade_mask_rcnn_convnext_large_3x_in22k", 1e-4, 0.7, 0.7),
+            ("cascade_mask_rcnn_convnext_xlarge_3x_in22k", 1e-4, 0.7, 0.8),
+            ("upernet_convnext_tiny_512_160k", 1e-4, 0.9, 0.4),
+            ("upernet_convnext_small_512_160k", 1e-4, 0.9, 0.3),
+            ("upernet_convnext_base_512_160k", 1e-4, 0.9, 0.4),
+            ("upernet_convnext_base_640_160k_in22k", 1e-4, 0.9, 0.4),
+            ("upernet_convnext_large_640_160k_in22k", 1e-4, 0.9, 0.4),
+            ("upernet_convnext_xlarge_640_160k_in22k", 8e-5, 0.9, 0.4),
+        ];
+        for (name, lr, rate, dp) in table {
+            let c = find(name).unwrap().config();
+            assert_eq!(c.optimizer.lr, lr, "{name}");
+            assert_eq!(c.optimizer.decay_rate, rate, "{name}");
+            assert_eq!(c.model.backbone.drop_path_rate, dp, "{name}");
+            assert_eq!(c.optimizer.weight_decay, 0.05);
+            assert_eq!(c.data.batch_size, 16);
+        }
+        let s = find("upernet_convnext_large_640_160k_in22k")
+            .unwrap()
+            .config();
+        assert_eq!(s.data.crop_size, [640, 640]);
+        assert_eq!(s.data.img_scale, [2560, 640]);
+        assert!(find("mask_rcnn_convnext_huge").is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! What the training loop needs from a model + its data: the trainer is written against this
+//! trait, and `engine::tasks` adapts the heads crate's Detector / Segmentor (and a tiny test
+//! model) to it.
+
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{nn, Tensor};
+
+/// A trainable model together with its training and validation data.
+pub trait TrainTask {
+    /// Every parameter and buffer, under its mmdet/mmseg checkpoint name.
+    fn var_store(&self) -> &nn::VarStore;
+    /// Batches in one pass over the training set at the configured batch size.
+    fn batches_per_epoch(&self) -> u64;
+    /// Images in one batch (for images/s and the lr scaling rule).
+    fn images_per_batch(&self) -> usize;
+    /// Position the training data so the next batch is batch `batch` of epoch `epoch` (the
+    /// order of an epoch is a function of (seed, epoch) only, so resume is exact).
+    fn seek(&mut self, epoch: u64, batch: u64) -> Result<()>;
+    /// Take the next batch and run the model in training mode; returns the loss terms, already
+    /// weighted, whose sum is minimised (names start with `loss`).
+    fn forward_train(&mut self) -> Result<Vec<(String, Tensor)>>;
+    /// Evaluate on the validation set; `out_dir` may receive drawings / result files.
+    fn evaluate(&mut self, out_dir: &Path) -> Result<BTreeMap<String, f64>>;
+    /// Copy a pretrained backbone into the model (called once at start, not on resume).
+    fn load_pretrained(&mut self, _path: &Path) -> Result<String> {
+        anyhow::bail!("this model cannot load a pretrained backbone")
+    }
+}

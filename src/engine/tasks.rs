@@ -1,0 +1,655 @@
+//! Adapters from the heads crate's models and the datasets crate's loaders to [`TrainTask`]:
+//! [`DetTask`] (Mask R-CNN on COCO-format data, evaluated with cnx-eval's COCOeval) and
+//! [`SegTask`] (UperNet on ADE-format data, evaluated with cnx-eval's mIoU). The engine's own
+//! compact model config is translated into the heads' `DetectorConfig` / `SegmentorConfig`.
+
+use super::config::{Arch, Config, Task};
+use super::task::TrainTask;
+use anyhow::{anyhow, bail, Context, Result};
+use cnx_datasets::ade::{AdeDataset, AdeTestIter, AdeTrain, SegBatch, SegTrainPipeline};
+use cnx_datasets::{
+    CocoDataset, CocoTrain, DetBatch, Loader, LoaderConfig, TestIter, TestPipeline, TrainPipeline,
+};
+use cnx_heads::segmentor::{SegmentorConfig, TestMode};
+use cnx_heads::{Detector, DetectorConfig};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::{nn, Device, Kind, Tensor};
+
+/// The heads crate's detector config for an engine config.
+pub fn detector_config(cfg: &Config) -> Result<DetectorConfig> {
+    let m = &cfg.model;
+    match m.arch {
+        Arch::MaskRcnn => {}
+        Arch::CascadeMaskRcnn => bail!(
+            "Cascade model not built yet (issue 7): preset {} has its recipe but no model",
+            cfg.name
+        ),
+        Arch::Upernet => bail!("{} is a segmentation config", cfg.name),
+    }
+    let h = m.det.as_ref().ok_or_else(|| anyhow!("model.det missing"))?;
+    let mut d = DetectorConfig::mask_rcnn_convnext("tiny").map_err(|e| anyhow!("{e}"))?;
+    d.name = cfg.name.clone();
+    d.backbone.depths = m.backbone.depths.clone();
+    d.backbone.dims = m.backbone.dims.clone();
+    d.backbone.drop_path_rate = m.backbone.drop_path_rate;
+    d.backbone.layer_scale_init_value = m.backbone.layer_scale_init;
+    d.neck.out_channels = h.fpn_channels;
+    d.rpn.train_proposals.nms_pre = h.rpn_train_nms_pre;
+    d.rpn.train_proposals.max_per_img = h.rpn_train_max_per_img;
+    d.rpn.train_proposals.iou_threshold = h.rpn_nms_iou;
+    d.rpn.test_proposals.nms_pre = h.rpn_test_nms_pre;
+    d.rpn.test_proposals.max_per_img = h.rpn_test_max_per_img;
+    d.rpn.test_proposals.iou_threshold = h.rpn_nms_iou;
+    d.roi.num_classes = m.num_classes;
+    d.roi.fc_dim = h.roi_fc_channels;
+    d.roi.mask_num_convs = h.mask_convs as usize;
+    d.roi.mask_conv_channels = h.fpn_channels;
+    d.roi.sampler.num = h.rcnn_train_num_rois;
+    d.roi.sampler.pos_fraction = h.rcnn_pos_fraction;
+    d.roi.test.score_thr = h.test_score_thr;
+    d.roi.test.iou_threshold = h.test_nms_iou;
+    d.roi.test.max_per_img = h.test_max_per_img;
+    d.roi.test.mask_thr_binary = h.mask_thr;
+    Ok(d)
+}
+
+/// The heads crate's segmentor config for an engine config.
+pub fn segmentor_config(cfg: &Config) -> Result<SegmentorConfig> {
+    let m = &cfg.model;
+    if m.arch != Arch::Upernet {
+        bail!("{} is not a UperNet config", cfg.name);
+    }
+    let h = m.seg.as_ref().ok_or_else(|| anyhow!("model.seg missing"))?;
+    let mut s = SegmentorConfig::upernet_convnext("tiny").map_err(|e| anyhow!("{e}"))?;
+    s.name = cfg.name.clone();
+    s.num_classes = m.num_classes;
+    s.backbone.depths = m.backbone.depths.clone();
+    s.backbone.dims = m.backbone.dims.clone();
+    s.backbone.drop_path_rate = m.backbone.drop_path_rate;
+    s.backbone.layer_scale_init_value = m.backbone.layer_scale_init;
+    s.backbone.out_indices = m.backbone.out_indices.iter().map(|&i| i as usize).collect();
+    s.decode_head.channels = h.channels;
+    s.decode_head.pool_scales = h.pool_scales.clone();
+    s.decode_head.dropout_ratio = h.dropout;
+    if let Some(a) = s.auxiliary_head.as_mut() {
+        a.channels = h.aux_channels;
+        a.loss_weight = h.aux_loss_weight;
+        a.dropout_ratio = h.dropout;
+    }
+    let [ch, cw] = cfg.data.crop_size;
+    s.crop_size = [ch as i64, cw as i64];
+    s.train_scale = [cfg.data.img_scale[0] as i64, cfg.data.img_scale[1] as i64];
+    s.test.mode = h
+        .test_mode
+        .parse()
+        .map_err(|e| anyhow!("model.seg.test_mode: {e:?}"))?;
+    s.test.crop_size = [h.test_crop, h.test_crop];
+    s.test.stride = [h.test_stride, h.test_stride];
+    s.test.img_scale = s.train_scale;
+    s.lr = cfg.optimizer.lr;
+    s.layer_decay_rate = cfg.optimizer.decay_rate;
+    s.weight_decay = cfg.optimizer.weight_decay;
+    s.warmup_iters = cfg.schedule.warmup_iters as i64;
+    s.max_iters = cfg.runtime.max_iters as i64;
+    Ok(s)
+}
+
+/// Check that the data the config names exists, before any work starts.
+pub fn check_data(cfg: &Config) -> Result<()> {
+    let root = &cfg.data.root;
+    if !root.is_dir() {
+        bail!(
+            "data root {} does not exist (set data.root with --set data.root=PATH or in the config; \
+             `cnx demo` generates synthetic data of its own)",
+            root.display()
+        );
+    }
+    let need: Vec<PathBuf> = match cfg.task {
+        Task::Det => vec![
+            root.join(&cfg.data.train_ann),
+            root.join(&cfg.data.train_images),
+            root.join(&cfg.data.val_ann),
+            root.join(&cfg.data.val_images),
+        ],
+        Task::Seg => vec![
+            root.join(&cfg.data.train_images),
+            root.join(&cfg.data.train_ann),
+            root.join(&cfg.data.val_images),
+            root.join(&cfg.data.val_ann),
+        ],
+    };
+    for p in need {
+        if !p.exists() {
+            bail!("{} not found (data.root = {})", p.display(), root.display());
+        }
+    }
+    Ok(())
+}
+
+/// Build the task a config describes, on `device`.
+pub fn build(cfg: &Config, device: Device) -> Result<Box<dyn DemoTask>> {
+    check_data(cfg)?;
+    Ok(match cfg.task {
+        Task::Det => Box::new(DetTask::new(cfg, device)?),
+        Task::Seg => Box::new(SegTask::new(cfg, device)?),
+    })
+}
+
+/// A [`TrainTask`] that can also draw its predictions (for `cnx demo` and `cnx train --draw`).
+pub trait DemoTask: TrainTask {
+    /// Draw predictions on the first `n` validation images into `dir`; returns the files.
+    fn draw_predictions(&mut self, dir: &Path, n: usize) -> Result<Vec<PathBuf>>;
+    fn as_train(&mut self) -> &mut dyn TrainTask;
+}
+
+fn loader_config(cfg: &Config) -> LoaderConfig {
+    LoaderConfig {
+        batch_size: cfg.data.batch_size,
+        seed: cfg.runtime.seed,
+        threads: cfg.data.workers,
+        prefetch: 2,
+        skip_missing: false,
+        max_epochs: None,
+    }
+}
+
+/// Mask R-CNN on a COCO-format dataset.
+pub struct DetTask {
+    vs: nn::VarStore,
+    model: Detector,
+    device: Device,
+    batch_size: usize,
+    loader_cfg: LoaderConfig,
+    source: Arc<CocoTrain>,
+    loader: Option<Loader<CocoTrain>>,
+    /// Position (epoch, batch) of the loader's next batch.
+    next_pos: (u64, u64),
+    batches: u64,
+    val: Arc<CocoDataset>,
+    val_ann: PathBuf,
+    test_scale: (usize, usize),
+    val_max: usize,
+}
+
+impl DetTask {
+    pub fn new(cfg: &Config, device: Device) -> Result<Self> {
+        let dc = detector_config(cfg)?;
+        let root = &cfg.data.root;
+        let train = Arc::new(
+            CocoDataset::load(
+                root.join(&cfg.data.train_ann),
+                root.join(&cfg.data.train_images),
+            )
+            .context("training set")?,
+        );
+        let val_ann = root.join(&cfg.data.val_ann);
+        let val = Arc::new(
+            CocoDataset::load(&val_ann, root.join(&cfg.data.val_images))
+                .context("validation set")?,
+        );
+        if train.num_classes() as i64 != cfg.model.num_classes {
+            bail!(
+                "model.num_classes = {} but {} has {} categories",
+                cfg.model.num_classes,
+                cfg.data.train_ann,
+                train.num_classes()
+            );
+        }
+        let [long, short] = cfg.data.img_scale;
+        let (long, short) = (long as usize, short as usize);
+        let pipeline = match cfg.data.pipeline.as_str() {
+            "detr" => TrainPipeline::scaled(short as f64 / 800.0),
+            "simple" => TrainPipeline {
+                scales: vec![(short, long)],
+                crop_pre_scales: vec![(short, long)],
+                crop_range: (1 << 20, 1 << 20),
+                ..TrainPipeline::default()
+            },
+            p => bail!("unknown data.pipeline {p:?} for detection (detr, simple)"),
+        };
+        let source = Arc::new(CocoTrain::new(train, pipeline));
+        let vs = nn::VarStore::new(device);
+        let model = Detector::new(&vs.root(), &dc);
+        let loader_cfg = loader_config(cfg);
+        let bs = cfg.data.batch_size;
+        // Batches per epoch as the loader's group sampler makes them (per aspect group).
+        let batches = {
+            let g1 = (0..cnx_datasets::Source::len(&*source))
+                .filter(|&i| cnx_datasets::Source::group(&*source, i) == 1)
+                .count();
+            let g0 = cnx_datasets::Source::len(&*source) - g1;
+            (g0.div_ceil(bs) + g1.div_ceil(bs)) as u64
+        };
+        Ok(Self {
+            vs,
+            model,
+            device,
+            batch_size: bs,
+            loader_cfg,
+            source,
+            loader: None,
+            next_pos: (u64::MAX, 0),
+            batches,
+            val,
+            val_ann,
+            test_scale: (short, long),
+            val_max: cfg.data.val_max_images,
+        })
+    }
+
+    pub fn detector(&self) -> &Detector {
+        &self.model
+    }
+
+    fn val_batches(&self) -> impl Iterator<Item = cnx_datasets::Result<DetBatch>> {
+        TestIter::new(
+            self.val.clone(),
+            TestPipeline {
+                scale: self.test_scale,
+                size_divisor: 32,
+            },
+            2,
+        )
+    }
+}
+
+impl TrainTask for DetTask {
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+    fn batches_per_epoch(&self) -> u64 {
+        self.batches
+    }
+    fn images_per_batch(&self) -> usize {
+        self.batch_size
+    }
+    fn seek(&mut self, epoch: u64, batch: u64) -> Result<()> {
+        if self.loader.is_some() && self.next_pos == (epoch, batch) {
+            return Ok(());
+        }
+        self.loader = None;
+        self.loader = Some(Loader::new(
+            self.source.clone(),
+            self.loader_cfg.clone(),
+            epoch as usize,
+            batch as usize,
+        )?);
+        self.next_pos = (epoch, batch);
+        Ok(())
+    }
+    fn forward_train(&mut self) -> Result<Vec<(String, Tensor)>> {
+        let loader = self
+            .loader
+            .as_mut()
+            .ok_or_else(|| anyhow!("seek before forward_train"))?;
+        let batch = loader
+            .next()
+            .ok_or_else(|| anyhow!("training loader ended"))??;
+        self.next_pos = if batch.iter as u64 + 1 >= self.batches {
+            (batch.epoch as u64 + 1, 0)
+        } else {
+            (batch.epoch as u64, batch.iter as u64 + 1)
+        };
+        let losses = self.model.forward_train_batch(&batch, self.device);
+        Ok(losses
+            .0
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("loss"))
+            .collect())
+    }
+    fn evaluate(&mut self, out_dir: &Path) -> Result<BTreeMap<String, f64>> {
+        let mut results = vec![];
+        let mut seen = 0;
+        let val = self.val.clone();
+        for b in self.val_batches() {
+            let b = b?;
+            let dets = self.model.predict_batch(&b, self.device);
+            for (d, m) in dets.iter().zip(&b.metas) {
+                results.extend(cnx_heads::results::to_coco(d, m.image_id, None, &|l| {
+                    val.label_to_cat(l as usize)
+                }));
+            }
+            seen += b.metas.len();
+            if self.val_max > 0 && seen >= self.val_max {
+                break;
+            }
+        }
+        let json = serde_json::to_vec(&results)?;
+        std::fs::write(out_dir.join("results.json"), &json)?;
+        let gt = cnx_eval::coco::CocoGt::load(&self.val_ann)?;
+        let dets = cnx_eval::coco::parse_results(&json, "detections")?;
+        let mut out = BTreeMap::new();
+        for t in [cnx_eval::coco::IouType::Bbox, cnx_eval::coco::IouType::Segm] {
+            let ev = cnx_eval::coco::evaluate(&gt, &dets, t)?;
+            let s = ev.summary;
+            let n = t.name();
+            for (k, v) in [
+                ("mAP", s.ap),
+                ("mAP_50", s.ap50),
+                ("mAP_75", s.ap75),
+                ("mAP_s", s.ap_small),
+                ("mAP_m", s.ap_medium),
+                ("mAP_l", s.ap_large),
+            ] {
+                out.insert(format!("{n}_{k}"), v);
+            }
+            std::fs::write(
+                out_dir.join(format!("{n}_summary.txt")),
+                s.format_pycocotools(),
+            )?;
+        }
+        Ok(out)
+    }
+    fn load_pretrained(&mut self, path: &Path) -> Result<String> {
+        let r = cnx_heads::weights::load_checkpoint(&mut self.vs, path, false)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok(format!(
+            "{} tensors loaded from {}, {} model tensors not in it",
+            r.loaded.len(),
+            path.display(),
+            r.missing.len()
+        ))
+    }
+}
+
+impl DemoTask for DetTask {
+    fn draw_predictions(&mut self, dir: &Path, n: usize) -> Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(dir)?;
+        let names = self.val.class_names();
+        let mut files = vec![];
+        let val = self.val.clone();
+        for b in self.val_batches() {
+            let b = b?;
+            let dets = tch::no_grad(|| self.model.predict_batch(&b, self.device));
+            for (d, m) in dets.iter().zip(&b.metas) {
+                if files.len() >= n {
+                    return Ok(files);
+                }
+                let img = cnx_datasets::image_io::read_rgb(&val.image_path(m.index))?;
+                let mut canvas = cnx_datasets::draw::to_rgb_image(&img);
+                let boxes: Vec<f32> = Vec::<f32>::try_from(
+                    d.boxes
+                        .to_device(Device::Cpu)
+                        .to_kind(Kind::Float)
+                        .contiguous()
+                        .view([-1]),
+                )?;
+                let scores: Vec<f32> = Vec::<f32>::try_from(
+                    d.scores
+                        .to_device(Device::Cpu)
+                        .to_kind(Kind::Float)
+                        .contiguous()
+                        .view([-1]),
+                )?;
+                let labels: Vec<i64> = Vec::<i64>::try_from(
+                    d.labels
+                        .to_device(Device::Cpu)
+                        .to_kind(Kind::Int64)
+                        .contiguous()
+                        .view([-1]),
+                )?;
+                let masks: Option<Vec<u8>> = d
+                    .masks
+                    .as_ref()
+                    .map(|t| {
+                        Vec::<u8>::try_from(
+                            t.to_device(Device::Cpu)
+                                .to_kind(Kind::Uint8)
+                                .contiguous()
+                                .view([-1]),
+                        )
+                    })
+                    .transpose()?;
+                let hw = img.w * img.h;
+                let inst: Vec<cnx_datasets::draw::Instance> = (0..scores.len())
+                    .filter(|&i| scores[i] >= 0.3)
+                    .map(|i| cnx_datasets::draw::Instance {
+                        bbox: [
+                            boxes[4 * i],
+                            boxes[4 * i + 1],
+                            boxes[4 * i + 2],
+                            boxes[4 * i + 3],
+                        ],
+                        label: labels[i] as usize,
+                        score: Some(scores[i]),
+                        mask: masks.as_ref().map(|m| &m[i * hw..(i + 1) * hw]),
+                    })
+                    .collect();
+                cnx_datasets::draw::draw_instances(&mut canvas, &inst, &names);
+                let p = dir.join(format!(
+                    "pred_{:03}_{}.png",
+                    files.len(),
+                    m.file_name.trim_end_matches(".jpg")
+                ));
+                canvas
+                    .save(&p)
+                    .with_context(|| format!("writing {}", p.display()))?;
+                files.push(p);
+            }
+        }
+        Ok(files)
+    }
+    fn as_train(&mut self) -> &mut dyn TrainTask {
+        self
+    }
+}
+
+/// UperNet on an ADE-format dataset.
+pub struct SegTask {
+    vs: nn::VarStore,
+    model: cnx_heads::segmentor::Segmentor,
+    device: Device,
+    batch_size: usize,
+    loader_cfg: LoaderConfig,
+    source: Arc<AdeTrain>,
+    loader: Option<Loader<AdeTrain>>,
+    next_pos: (u64, u64),
+    batches: u64,
+    val: Arc<AdeDataset>,
+    test_scale: (usize, usize),
+    test_mode: TestMode,
+    num_classes: usize,
+    val_max: usize,
+}
+
+impl SegTask {
+    pub fn new(cfg: &Config, device: Device) -> Result<Self> {
+        let sc = segmentor_config(cfg)?;
+        let root = &cfg.data.root;
+        let split = |images: &str| images.rsplit('/').next().unwrap_or(images).to_string();
+        let train = Arc::new(
+            AdeDataset::load(root, &split(&cfg.data.train_images)).context("training set")?,
+        );
+        let val = Arc::new(
+            AdeDataset::load(root, &split(&cfg.data.val_images)).context("validation set")?,
+        );
+        let [long, short] = cfg.data.img_scale;
+        let [ch, cw] = cfg.data.crop_size;
+        let pipeline = match cfg.data.pipeline.as_str() {
+            "ade" => SegTrainPipeline {
+                scale: (long as usize, short as usize),
+                crop: (ch as usize, cw as usize),
+                ..SegTrainPipeline::default()
+            },
+            "simple" => SegTrainPipeline {
+                scale: (long as usize, short as usize),
+                ratio_range: (0.75, 1.5),
+                crop: (ch as usize, cw as usize),
+                photometric: false,
+                ..SegTrainPipeline::default()
+            },
+            p => bail!("unknown data.pipeline {p:?} for segmentation (ade, simple)"),
+        };
+        let source = Arc::new(AdeTrain {
+            ds: train.clone(),
+            pipeline,
+        });
+        let vs = nn::VarStore::new(device);
+        let model =
+            cnx_heads::segmentor::Segmentor::new(&vs.root(), &sc).map_err(|e| anyhow!("{e}"))?;
+        let bs = cfg.data.batch_size;
+        Ok(Self {
+            vs,
+            model,
+            device,
+            batch_size: bs,
+            loader_cfg: loader_config(cfg),
+            batches: train.len().div_ceil(bs) as u64,
+            source,
+            loader: None,
+            next_pos: (u64::MAX, 0),
+            val,
+            test_scale: (long as usize, short as usize),
+            test_mode: sc.test.mode,
+            num_classes: cfg.model.num_classes as usize,
+            val_max: cfg.data.val_max_images,
+        })
+    }
+
+    fn predict(&self, item: &cnx_datasets::ade::SegTestItem) -> Vec<u8> {
+        let s = item.shape.map(|v| v as i64);
+        let x = Tensor::from_slice(&item.image)
+            .view(s)
+            .to_device(self.device);
+        let ori = [item.label.h as i64, item.label.w as i64];
+        let logits = self.model.inference_logits(&x, self.test_mode, ori);
+        cnx_heads::segmentor::argmax_u8(&logits)
+    }
+}
+
+impl TrainTask for SegTask {
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+    fn batches_per_epoch(&self) -> u64 {
+        self.batches
+    }
+    fn images_per_batch(&self) -> usize {
+        self.batch_size
+    }
+    fn seek(&mut self, epoch: u64, batch: u64) -> Result<()> {
+        if self.loader.is_some() && self.next_pos == (epoch, batch) {
+            return Ok(());
+        }
+        self.loader = None;
+        self.loader = Some(Loader::new(
+            self.source.clone(),
+            self.loader_cfg.clone(),
+            epoch as usize,
+            batch as usize,
+        )?);
+        self.next_pos = (epoch, batch);
+        Ok(())
+    }
+    fn forward_train(&mut self) -> Result<Vec<(String, Tensor)>> {
+        let loader = self
+            .loader
+            .as_mut()
+            .ok_or_else(|| anyhow!("seek before forward_train"))?;
+        let batch: SegBatch = loader
+            .next()
+            .ok_or_else(|| anyhow!("training loader ended"))??;
+        self.next_pos = if batch.iter as u64 + 1 >= self.batches {
+            (batch.epoch as u64 + 1, 0)
+        } else {
+            (batch.epoch as u64, batch.iter as u64 + 1)
+        };
+        let s = batch.shape.map(|v| v as i64);
+        let x = Tensor::from_slice(&batch.images)
+            .view(s)
+            .to_device(self.device);
+        let y = Tensor::from_slice(&batch.labels)
+            .view([s[0], s[2], s[3]])
+            .to_kind(Kind::Int64)
+            .to_device(self.device);
+        let l = self.model.forward_train(&x, &y);
+        // mmseg names "decode.loss_seg" / "aux.loss_seg": logged as loss_decode / loss_aux.
+        Ok(l.items
+            .into_iter()
+            .filter(|(k, _)| k.contains("loss"))
+            .map(|(k, v)| (format!("loss_{}", k.split('.').next().unwrap_or(&k)), v))
+            .collect())
+    }
+    fn evaluate(&mut self, _out_dir: &Path) -> Result<BTreeMap<String, f64>> {
+        let mut acc = cnx_eval::miou::Accumulator::new(self.num_classes, false);
+        for (n, item) in AdeTestIter::new(self.val.clone(), self.test_scale).enumerate() {
+            if self.val_max > 0 && n >= self.val_max {
+                break;
+            }
+            let item = item?;
+            let pred = self.predict(&item);
+            acc.add(&pred, &item.label.data)?;
+        }
+        let names: Vec<String> = if self.val.class_names.len() == self.num_classes {
+            self.val.class_names.clone()
+        } else {
+            (0..self.num_classes).map(|i| i.to_string()).collect()
+        };
+        let s = acc.summary(&names);
+        std::fs::write(_out_dir.join("miou.txt"), s.format_table())?;
+        Ok([
+            ("mIoU".to_string(), s.miou),
+            ("aAcc".to_string(), s.aacc),
+            ("mAcc".to_string(), s.macc),
+        ]
+        .into_iter()
+        .collect())
+    }
+    fn load_pretrained(&mut self, path: &Path) -> Result<String> {
+        let r = cnx_heads::weights::load_checkpoint(&mut self.vs, path, false)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok(format!(
+            "{} tensors loaded from {}, {} model tensors not in it",
+            r.loaded.len(),
+            path.display(),
+            r.missing.len()
+        ))
+    }
+}
+
+impl DemoTask for SegTask {
+    fn draw_predictions(&mut self, dir: &Path, n: usize) -> Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(dir)?;
+        let mut files = vec![];
+        for item in AdeTestIter::new(self.val.clone(), self.test_scale).take(n) {
+            let item = item?;
+            let pred = tch::no_grad(|| self.predict(&item));
+            let img = cnx_datasets::image_io::read_rgb(&self.val.items[item.meta.index].0)?;
+            let (w, h) = (img.w as u32, img.h as u32);
+            // Image | prediction overlay | ground-truth overlay, side by side.
+            let mut out = image::RgbImage::new(3 * w, h);
+            let base = cnx_datasets::draw::to_rgb_image(&img);
+            for (panel, labels) in [(0u32, None), (1, Some(&pred)), (2, Some(&item.label.data))] {
+                for y in 0..h {
+                    for x in 0..w {
+                        let mut p = base.get_pixel(x, y).0;
+                        if let Some(l) = labels {
+                            let c = l[(y * w + x) as usize];
+                            if c != 255 {
+                                let col = cnx_datasets::draw::palette(c as usize);
+                                for k in 0..3 {
+                                    p[k] = ((p[k] as f32) * 0.4 + (col[k] as f32) * 0.6) as u8;
+                                }
+                            }
+                        }
+                        out.put_pixel(panel * w + x, y, image::Rgb(p));
+                    }
+                }
+            }
+            let p = dir.join(format!(
+                "pred_{:03}_{}.png",
+                files.len(),
+                item.meta.file_name.trim_end_matches(".jpg")
+            ));
+            out.save(&p)
+                .with_context(|| format!("writing {}", p.display()))?;
+            files.push(p);
+        }
+        Ok(files)
+    }
+    fn as_train(&mut self) -> &mut dyn TrainTask {
+        self
+    }
+}

@@ -1,0 +1,485 @@
+//! The training loop shared by `cnx train` and `cnx demo`: AdamW with the recipe's parameter
+//! groups, lr schedule by iteration, autocast + loss scaling on CUDA, gradient accumulation and
+//! clipping, per-iteration reseeding (so resume is exact without saving generator state),
+//! periodic checkpoints / evaluation / plots, and failures that lose nothing (NaN stops before
+//! the bad step reaches the weights; Ctrl-C saves first).
+
+use super::amp::{self, LossScaler};
+use super::checkpoint::{self, ResumeState};
+use super::config::{Amp, Config};
+use super::log::{plot_curves, RunLog};
+use super::optim::{build_groups, group_table, AdamW};
+use super::schedule::Schedule;
+use super::task::TrainTask;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Options of one run besides the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// `--resume FILE|DIR|auto`.
+    pub resume: Option<String>,
+    /// Stop after this many iterations in total even if the schedule is longer (tests, smoke
+    /// runs); the schedule itself still uses the configured length.
+    pub stop_at: Option<u64>,
+    /// No progress bar and no per-log prints.
+    pub quiet: bool,
+    /// Skip evaluation entirely (tests).
+    pub no_eval: bool,
+}
+
+/// What a run ended with.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub iter: u64,
+    pub work_dir: PathBuf,
+    pub weights: Option<PathBuf>,
+    pub metrics: BTreeMap<String, f64>,
+    pub seconds: f64,
+    pub interrupted: bool,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static HANDLER: std::sync::Once = std::sync::Once::new();
+static PRESSES: AtomicUsize = AtomicUsize::new(0);
+
+fn install_ctrlc() {
+    HANDLER.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if PRESSES.fetch_add(1, Ordering::SeqCst) >= 1 {
+                eprintln!("\nsecond Ctrl-C: exiting without saving");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\nCtrl-C: saving a checkpoint after this iteration (press again to quit now)"
+            );
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        });
+    });
+}
+
+/// libtorch seed of iteration `iter` (SplitMix64 of seed and iteration).
+pub fn iteration_seed(seed: u64, iter: u64) -> i64 {
+    let mut z = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(iter)
+        .wrapping_add(0x632B_E59B_D9B4_E019);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// Resolve `runtime.device`.
+pub fn device_of(spec: &str) -> Result<Device> {
+    Ok(match spec {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            if !tch::Cuda::is_available() {
+                bail!("runtime.device = cuda but no CUDA device is available (use cpu or auto)");
+            }
+            Device::Cuda(0)
+        }
+        s if s.starts_with("cuda:") => {
+            let i: usize = s[5..].parse().with_context(|| format!("bad device {s}"))?;
+            if i as i64 >= tch::Cuda::device_count() {
+                bail!(
+                    "runtime.device = {s} but only {} CUDA devices",
+                    tch::Cuda::device_count()
+                );
+            }
+            Device::Cuda(i)
+        }
+        s => bail!("unknown runtime.device {s:?} (auto, cpu, cuda, cuda:N)"),
+    })
+}
+
+/// The lr actually used at batch size `batch x grad_accum` (linear scaling rule).
+pub fn scaled_lr(cfg: &Config, images_per_batch: usize) -> f64 {
+    let total = images_per_batch as f64 * cfg.runtime.grad_accum as f64;
+    if cfg.optimizer.scale_lr {
+        cfg.optimizer.lr * total / cfg.optimizer.base_batch_size as f64
+    } else {
+        cfg.optimizer.lr
+    }
+}
+
+/// Train `task` as `cfg` says. `device` is where the task's model lives.
+pub fn train(
+    cfg: &Config,
+    task: &mut dyn TrainTask,
+    device: Device,
+    opts: &RunOptions,
+) -> Result<Summary> {
+    let t0 = Instant::now();
+    let work_dir = cfg.work_dir();
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating work dir {}", work_dir.display()))?;
+    std::fs::write(work_dir.join("config.toml"), cfg.to_toml()?)?;
+    install_ctrlc();
+    INTERRUPTED.store(false, Ordering::SeqCst);
+    PRESSES.store(0, Ordering::SeqCst);
+
+    let accum = cfg.runtime.grad_accum.max(1);
+    let batches = task.batches_per_epoch();
+    let ipe = (batches / accum).max(1);
+    let max_iters = if cfg.runtime.max_iters > 0 {
+        cfg.runtime.max_iters
+    } else {
+        cfg.runtime.max_epochs * ipe
+    };
+    let stop_at = opts.stop_at.unwrap_or(max_iters).min(max_iters);
+    let schedule = Schedule::new(cfg.schedule.clone(), ipe, max_iters);
+    let ipb = task.images_per_batch();
+    let base_lr = scaled_lr(cfg, ipb);
+    let say = |s: String| {
+        if !opts.quiet {
+            eprintln!("{s}");
+        }
+    };
+    say(format!(
+        "{}: {} iterations ({} per epoch), batch {} x accum {} = {} images/step; lr {:.3e} = {:.3e} x {}/{} (linear scaling)",
+        cfg.name,
+        max_iters,
+        ipe,
+        ipb,
+        accum,
+        ipb as u64 * accum,
+        base_lr,
+        cfg.optimizer.lr,
+        ipb as u64 * accum,
+        cfg.optimizer.base_batch_size
+    ));
+
+    // Trainable parameters (frozen ones are excluded from the optimizer) in name order.
+    let vars = task.var_store().variables();
+    let mut params: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (n, t) in &vars {
+        if t.requires_grad() {
+            params.insert(n.clone(), t.shallow_clone());
+        }
+    }
+    let shapes: Vec<(String, Vec<i64>)> =
+        params.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+    let groups = build_groups(&shapes, &cfg.optimizer, base_lr);
+    let numel = |n: &str| params.get(n).map(|t| t.numel() as i64).unwrap_or(0);
+    say(format!(
+        "parameter groups ({:?}, decay rate {}):\n{}",
+        cfg.optimizer.decay_type,
+        cfg.optimizer.decay_rate,
+        group_table(&groups, &numel)
+    ));
+    let mut opt = AdamW::new(groups, params, &cfg.optimizer)?;
+
+    let use_amp = device.is_cuda() && cfg.runtime.amp != Amp::None;
+    if use_amp {
+        amp::set_cuda_autocast_dtype(cfg.runtime.amp)?;
+    }
+    let mut scaler = LossScaler::new(use_amp && cfg.runtime.amp == Amp::Fp16);
+
+    // Resume or initialise.
+    let mut start = 0u64;
+    if let Some(r) = &opts.resume {
+        match checkpoint::resolve(r, &work_dir)? {
+            Some((st, dir)) => {
+                if st.config_name != cfg.name {
+                    say(format!(
+                        "warning: checkpoint was written by config {:?}, resuming with {:?}",
+                        st.config_name, cfg.name
+                    ));
+                }
+                if st.iters_per_epoch != ipe {
+                    bail!("checkpoint has {} iterations per epoch, this config {ipe}: the data or batch size changed", st.iters_per_epoch);
+                }
+                load_weights(task, &dir.join(&st.weights))?;
+                opt.load_state_tensors(
+                    &checkpoint::load_tensors(&dir.join(&st.optimizer))?,
+                    st.optimizer_step,
+                )?;
+                scaler.scale = st.loss_scale;
+                scaler.growth_tracker = st.scale_growth_tracker;
+                start = st.iter;
+                say(format!(
+                    "resumed from {} at iteration {start} (epoch {}, batch {})",
+                    dir.join(&st.weights).display(),
+                    st.epoch,
+                    st.iter_in_epoch
+                ));
+            }
+            None => say(format!(
+                "--resume auto: no checkpoint in {}, starting fresh",
+                work_dir.display()
+            )),
+        }
+    }
+    if start == 0 && !cfg.model.backbone.pretrained.is_empty() {
+        let msg = task.load_pretrained(Path::new(&cfg.model.backbone.pretrained))?;
+        say(format!("pretrained backbone: {msg}"));
+    }
+    let mut log = RunLog::open(&work_dir, Some(start))?;
+    let curves = work_dir.join("curves.png");
+
+    let mut epoch = start / ipe;
+    task.seek(epoch, (start % ipe) * accum)?;
+    let pb = if opts.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(stop_at)
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_position(start);
+    let tty = !pb.is_hidden();
+
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    let mut n_sum = 0u64;
+    let mut t_log = Instant::now();
+    let mut last_weights: Option<PathBuf> = None;
+    let mut metrics = BTreeMap::new();
+    let mut iter = start;
+    let mut interrupted = false;
+    let save =
+        |task: &dyn TrainTask, opt: &AdamW, scaler: &LossScaler, iter: u64| -> Result<PathBuf> {
+            let st = ResumeState {
+                iter,
+                epoch: iter / ipe,
+                iter_in_epoch: iter % ipe,
+                iters_per_epoch: ipe,
+                seed: cfg.runtime.seed,
+                optimizer_step: opt.step,
+                loss_scale: scaler.scale,
+                scale_growth_tracker: scaler.growth_tracker,
+                config_name: cfg.name.clone(),
+                weights: checkpoint::weights_file_name(iter),
+                optimizer: checkpoint::optimizer_file_name(iter),
+            };
+            let weights = named_weights(task);
+            let p = checkpoint::save(&work_dir, &weights, &opt.state_tensors(), &st)?;
+            checkpoint::prune(&work_dir, cfg.runtime.keep_checkpoints, iter)?;
+            Ok(p)
+        };
+
+    while iter < stop_at {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        if iter / ipe != epoch {
+            epoch = iter / ipe;
+            task.seek(epoch, 0)?;
+        }
+        tch::manual_seed(iteration_seed(cfg.runtime.seed, iter));
+        for g in opt.groups.iter_mut() {
+            g.lr = schedule.lr(g.initial_lr, iter);
+        }
+        opt.zero_grad();
+        let mut terms: BTreeMap<String, f64> = BTreeMap::new();
+        for _ in 0..accum {
+            let losses = tch::autocast(use_amp, || task.forward_train())?;
+            if losses.is_empty() {
+                bail!("the model returned no loss terms");
+            }
+            let vals = Tensor::cat(
+                &losses
+                    .iter()
+                    .map(|(_, t)| t.detach().to_kind(Kind::Float).reshape([1]))
+                    .collect::<Vec<_>>(),
+                0,
+            )
+            .to_device(Device::Cpu);
+            let vals: Vec<f64> = Vec::<f64>::try_from(vals.to_kind(Kind::Double))?;
+            for ((name, _), v) in losses.iter().zip(&vals) {
+                if !v.is_finite() {
+                    pb.abandon();
+                    bail!(
+                        "loss term {name} is {v} at iteration {} (epoch {}): training stopped; the last good checkpoint is {}",
+                        iter + 1,
+                        epoch,
+                        last_weights.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint written yet)".into())
+                    );
+                }
+                *terms.entry(name.clone()).or_insert(0.0) += v / accum as f64;
+            }
+            let total = losses
+                .iter()
+                .map(|(_, t)| t.to_kind(Kind::Float))
+                .reduce(|a, b| a + b)
+                .unwrap();
+            (total * (scaler.scale / accum as f64)).backward();
+        }
+        let mut grad_norm = f64::NAN;
+        let finite = if scaler.enabled {
+            opt.scale_grads(1.0 / scaler.scale);
+            opt.grads_finite()
+        } else {
+            true
+        };
+        if scaler.update(finite) {
+            if cfg.runtime.clip_grad_norm > 0.0 {
+                grad_norm = opt.grad_norm();
+                let coef = cfg.runtime.clip_grad_norm / (grad_norm + 1e-6);
+                if coef < 1.0 {
+                    opt.scale_grads(coef);
+                }
+            }
+            opt.step();
+        }
+        iter += 1;
+        pb.set_position(iter);
+
+        let total_loss: f64 = terms.values().sum();
+        for (k, v) in &terms {
+            *sums.entry(k.clone()).or_insert(0.0) += v;
+        }
+        *sums.entry("loss".into()).or_insert(0.0) += total_loss;
+        n_sum += 1;
+        let lr_now = opt.groups.iter().map(|g| g.lr).fold(0.0, f64::max);
+        if tty {
+            let short: Vec<String> = terms
+                .iter()
+                .map(|(k, v)| format!("{} {:.3}", k.trim_start_matches("loss_"), v))
+                .collect();
+            pb.set_message(format!(
+                "loss {total_loss:.3} [{}] lr {lr_now:.2e}",
+                short.join(" ")
+            ));
+        }
+        if iter % cfg.runtime.log_interval.max(1) == 0 || iter == stop_at {
+            let dt = t_log.elapsed().as_secs_f64();
+            let mut v: BTreeMap<String, f64> = sums
+                .iter()
+                .map(|(k, s)| (k.clone(), s / n_sum as f64))
+                .collect();
+            v.insert("lr".into(), lr_now);
+            v.insert("epoch".into(), (iter - 1) as f64 / ipe as f64);
+            v.insert("time".into(), dt / n_sum as f64);
+            v.insert(
+                "images_per_s".into(),
+                (n_sum * accum) as f64 * ipb as f64 / dt.max(1e-9),
+            );
+            if scaler.enabled {
+                v.insert("loss_scale".into(), scaler.scale);
+            }
+            if grad_norm.is_finite() {
+                v.insert("grad_norm".into(), grad_norm);
+            }
+            log.log("train", iter, &v, &[])?;
+            if !tty && !opts.quiet {
+                let short: Vec<String> = v
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("loss"))
+                    .map(|(k, x)| format!("{k} {x:.4}"))
+                    .collect();
+                eprintln!(
+                    "iter {iter}/{stop_at} lr {lr_now:.3e} {} ({:.2} s/it)",
+                    short.join(" "),
+                    dt / n_sum as f64
+                );
+            }
+            sums.clear();
+            n_sum = 0;
+            t_log = Instant::now();
+            plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
+        }
+        let ck = cfg.runtime.checkpoint_interval;
+        if ck > 0 && iter % ck == 0 && iter < stop_at {
+            last_weights = Some(save(task, &opt, &scaler, iter)?);
+        }
+        let ev = cfg.runtime.eval_interval;
+        if !opts.no_eval && ev > 0 && iter % ev == 0 && iter < stop_at {
+            metrics = run_eval(task, &work_dir, iter, &mut log, &pb, opts.quiet)?;
+            plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
+            t_log = Instant::now();
+        }
+    }
+    pb.finish_and_clear();
+    if iter > start || last_weights.is_none() {
+        last_weights = Some(save(task, &opt, &scaler, iter)?);
+    }
+    if interrupted {
+        say(format!(
+            "interrupted at iteration {iter}: checkpoint {} saved; continue with --resume auto",
+            last_weights.as_ref().unwrap().display()
+        ));
+    } else if !opts.no_eval {
+        metrics = run_eval(task, &work_dir, iter, &mut log, &pb, opts.quiet)?;
+    }
+    plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
+    Ok(Summary {
+        iter,
+        work_dir,
+        weights: last_weights,
+        metrics,
+        seconds: t0.elapsed().as_secs_f64(),
+        interrupted,
+    })
+}
+
+fn run_eval(
+    task: &mut dyn TrainTask,
+    work_dir: &Path,
+    iter: u64,
+    log: &mut RunLog,
+    pb: &ProgressBar,
+    quiet: bool,
+) -> Result<BTreeMap<String, f64>> {
+    let t = Instant::now();
+    let dir = work_dir.join("eval").join(format!("iter_{iter:07}"));
+    std::fs::create_dir_all(&dir)?;
+    let m = tch::no_grad(|| task.evaluate(&dir))?;
+    let secs = t.elapsed().as_secs_f64();
+    log.log("val", iter, &m, &[("eval_seconds", secs.into())])?;
+    if !quiet {
+        let s: Vec<String> = m
+            .iter()
+            .filter(|(k, _)| !k.ends_with("_s") && !k.ends_with("_m") && !k.ends_with("_l"))
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect();
+        let line = format!("eval @ iter {iter} ({secs:.1} s): {}", s.join(", "));
+        if pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            pb.println(line);
+        }
+    }
+    Ok(m)
+}
+
+/// All variables of the task's model under their checkpoint names (name order).
+pub fn named_weights(task: &dyn TrainTask) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = task.var_store().variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Copy a weights file into the task's variables; every variable must be present.
+pub fn load_weights(task: &dyn TrainTask, path: &Path) -> Result<()> {
+    let src: BTreeMap<String, Tensor> = checkpoint::load_tensors(path)?.into_iter().collect();
+    let vars = task.var_store().variables();
+    tch::no_grad(|| -> Result<()> {
+        for (n, mut t) in vars {
+            let s = src
+                .get(&n)
+                .with_context(|| format!("{}: missing {n}", path.display()))?;
+            if s.size() != t.size() {
+                bail!(
+                    "{}: {n} has shape {:?}, model {:?}",
+                    path.display(),
+                    s.size(),
+                    t.size()
+                );
+            }
+            t.copy_(s);
+        }
+        Ok(())
+    })
+}
