@@ -165,15 +165,29 @@ pub fn resize_bilinear(src: &Image8, dw: usize, dh: usize) -> Image8 {
     let (yofs, yw) = linear_tables(src.h, dh);
     let mut out = Image8::new(dw, dh, c);
     let sw = src.w;
+    // Per output column: source offsets of both taps (already times `c`) and weights.
+    let xtab: Vec<(usize, usize, i32, i32)> = (0..dw)
+        .map(|dx| {
+            let sx = xofs[dx];
+            (sx * c, (sx + 1).min(sw - 1) * c, xw[dx][0], xw[dx][1])
+        })
+        .collect();
     let hrow = |y: usize, buf: &mut Vec<i32>| {
         let row = &src.data[y * sw * c..(y + 1) * sw * c];
         buf.clear();
-        for dx in 0..dw {
-            let sx = xofs[dx];
-            let sx1 = (sx + 1).min(sw - 1);
-            let [a0, a1] = xw[dx];
-            for k in 0..c {
-                buf.push(row[sx * c + k] as i32 * a0 + row[sx1 * c + k] as i32 * a1);
+        buf.resize(dw * c, 0);
+        if c == 3 {
+            for (o, &(s0, s1, a0, a1)) in buf.chunks_exact_mut(3).zip(&xtab) {
+                let (p, q) = (&row[s0..s0 + 3], &row[s1..s1 + 3]);
+                o[0] = p[0] as i32 * a0 + q[0] as i32 * a1;
+                o[1] = p[1] as i32 * a0 + q[1] as i32 * a1;
+                o[2] = p[2] as i32 * a0 + q[2] as i32 * a1;
+            }
+        } else {
+            for (o, &(s0, s1, a0, a1)) in buf.chunks_exact_mut(c).zip(&xtab) {
+                for k in 0..c {
+                    o[k] = row[s0 + k] as i32 * a0 + row[s1 + k] as i32 * a1;
+                }
             }
         }
     };
@@ -200,9 +214,9 @@ pub fn resize_bilinear(src: &Image8, dw: usize, dh: usize) -> Image8 {
         }
         let [b0, b1] = yw[dy];
         let orow = &mut out.data[dy * dw * c..(dy + 1) * dw * c];
-        for i in 0..dw * c {
-            let v = (((b0 * (r0[i] >> 4)) >> 16) + ((b1 * (r1[i] >> 4)) >> 16) + 2) >> 2;
-            orow[i] = v.clamp(0, 255) as u8;
+        for ((o, &a), &b) in orow.iter_mut().zip(&r0).zip(&r1) {
+            let v = (((b0 * (a >> 4)) >> 16) + ((b1 * (b >> 4)) >> 16) + 2) >> 2;
+            *o = v.clamp(0, 255) as u8;
         }
     }
     out

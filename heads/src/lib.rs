@@ -10,6 +10,7 @@ pub mod anchors;
 pub mod assigner;
 pub mod bbox_head;
 pub mod boxes;
+pub mod cascade;
 pub mod coco_classes;
 pub mod coder;
 pub mod detector;

@@ -87,6 +87,13 @@ pub fn run(args: Args) -> Result<()> {
         no_eval: false,
     };
     let (summary, mut task) = train_config(&cfg, &opts)?;
+    if summary.interrupted {
+        eprintln!(
+            "demo interrupted: continue with `cnx demo {} --resume` (same --out/--set)",
+            name.trim_start_matches("demo_")
+        );
+        std::process::exit(130);
+    }
     let pred_dir = out.join("predictions");
     let drawn = task.draw_predictions(&pred_dir, 8)?;
     let seconds = t0.elapsed().as_secs_f64();

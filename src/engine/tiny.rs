@@ -143,12 +143,25 @@ fn tmp(name: &str) -> std::path::PathBuf {
 /// the process, and other tests of this binary (model construction) draw from it concurrently.
 fn in_child(name: &str) {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--ignored", "--test-threads=1", "--nocapture"])
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
         .env(CHILD, "1")
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("1 passed"), "{name} in a child process failed:\n{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{name} in a child process failed:\n{text}"
+    );
 }
 
 const CHILD: &str = "CNX_ENGINE_TEST_CHILD";

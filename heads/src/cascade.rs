@@ -1,0 +1,705 @@
+//! Cascade Mask R-CNN (mmdet 2.28 `CascadeRCNN` + `CascadeRoIHead`) on the ConvNeXt backbone:
+//! the backbone, FPN and RPN of [`crate::detector`], then three RoI stages (IoU 0.5 / 0.6 / 0.7,
+//! loss weights 1 / 0.5 / 0.25, finer coder stds per stage), each with a `Shared4Conv1FCBBoxHead`
+//! ([`ConvFcBoxHead`]: 4 × conv3x3-BN-ReLU, 1 fc) trained with GIoU on decoded boxes, and one
+//! `FCNMaskHead` per stage. Variable names follow mmdetection (`roi_head.bbox_head.{i}.`,
+//! `roi_head.mask_head.{i}.`) so its Cascade checkpoints load unchanged.
+
+use crate::assigner::{MaxIoUAssigner, RandomSampler, SamplingResult};
+use crate::bbox_head::{self, BoxHead, RcnnTestCfg};
+use crate::boxes::bbox2roi;
+use crate::coder::DeltaXYWHCoder;
+use crate::detector::{
+    mask_targets, DetectorConfig, Detections, GtInstances, ImgMeta, Losses,
+};
+use crate::fpn::Fpn;
+use crate::mask_head::{self, FcnMaskHead};
+use crate::roi_extractor::RoiExtractor;
+use crate::rpn::{ProposalCfg, RpnHead};
+use crate::upernet::ConvModule;
+use crate::HeadsError;
+use cnx_backbone::convnext::{ConvNeXt, ConvNeXtConfig};
+use cnx_backbone::dense::DenseBackbone;
+use cnx_backbone::nn::Linear;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tch::nn::{Module, Path};
+use tch::{Device, Kind, Tensor};
+
+/// mmdet's `ConvFCBBoxHead` with shared convs (ConvModule: conv without bias → BN → ReLU) and
+/// shared fcs: `Shared4Conv1FCBBoxHead` in Cascade Mask R-CNN for ConvNeXt.
+#[derive(Debug)]
+pub struct ConvFcBoxHead {
+    pub convs: Vec<ConvModule>,
+    pub fcs: Vec<Linear>,
+    pub fc_cls: Linear,
+    pub fc_reg: Linear,
+    num_classes: i64,
+}
+
+impl ConvFcBoxHead {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        p: &Path,
+        in_channels: i64,
+        roi_size: i64,
+        num_convs: usize,
+        conv_channels: i64,
+        num_fcs: usize,
+        fc_dim: i64,
+        num_classes: i64,
+    ) -> Self {
+        let convs: Vec<ConvModule> = (0..num_convs)
+            .map(|i| {
+                let cin = if i == 0 { in_channels } else { conv_channels };
+                ConvModule::new(p / "shared_convs" / i, cin, conv_channels, 3, 1)
+            })
+            .collect();
+        let last_c = if num_convs > 0 {
+            conv_channels
+        } else {
+            in_channels
+        };
+        let fcs: Vec<Linear> = (0..num_fcs)
+            .map(|i| {
+                let din = if i == 0 {
+                    last_c * roi_size * roi_size
+                } else {
+                    fc_dim
+                };
+                Linear::new(p / "shared_fcs" / i, din, fc_dim, true)
+            })
+            .collect();
+        let last = if num_fcs > 0 {
+            fc_dim
+        } else {
+            last_c * roi_size * roi_size
+        };
+        let s = Self {
+            convs,
+            fcs,
+            fc_cls: Linear::new(p / "fc_cls", last, num_classes + 1, true),
+            fc_reg: Linear::new(p / "fc_reg", last, 4 * num_classes, true),
+            num_classes,
+        };
+        // ConvFCBBoxHead.init_cfg: Xavier(uniform) on the shared fcs; BBoxHead: Normal(0.01) on
+        // fc_cls, Normal(0.001) on fc_reg. ConvModules keep their kaiming init.
+        for fc in &s.fcs {
+            crate::init::xavier_uniform(&fc.inner.ws, fc.inner.bs.as_ref());
+        }
+        crate::init::normal(&s.fc_cls.inner.ws, s.fc_cls.inner.bs.as_ref(), 0.01);
+        crate::init::normal(&s.fc_reg.inner.ws, s.fc_reg.inner.bs.as_ref(), 0.001);
+        s
+    }
+}
+
+impl BoxHead for ConvFcBoxHead {
+    fn forward(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let mut x = x.shallow_clone();
+        for c in &self.convs {
+            x = c.forward_t(&x, train);
+        }
+        let mut x = x.flatten(1, -1);
+        for fc in &self.fcs {
+            x = fc.forward(&x).relu();
+        }
+        (self.fc_cls.forward(&x), self.fc_reg.forward(&x))
+    }
+    fn num_classes(&self) -> i64 {
+        self.num_classes
+    }
+}
+
+/// One cascade stage's training settings and box coder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageCfg {
+    pub assigner: MaxIoUAssigner,
+    pub sampler: RandomSampler,
+    pub loss_weight: f64,
+    pub coder: DeltaXYWHCoder,
+}
+
+impl StageCfg {
+    /// mmdet's cascade stage: max-IoU assigner at `iou` (no low-quality matches), 512 RoIs with
+    /// 25 % positives and the GT boxes added as proposals.
+    pub fn new(iou: f64, loss_weight: f64, stds: [f64; 4]) -> Self {
+        Self {
+            assigner: MaxIoUAssigner {
+                pos_iou_thr: iou,
+                neg_iou_thr: iou,
+                min_pos_iou: iou,
+                match_low_quality: false,
+            },
+            sampler: RandomSampler::rcnn(),
+            loss_weight,
+            coder: DeltaXYWHCoder::new([0.0; 4], stds),
+        }
+    }
+}
+
+/// Cascade Mask R-CNN: the shared parts of a [`DetectorConfig`] (backbone, neck, RPN, RoI
+/// extractors, mask head sizes, test settings; its single-stage coder/assigner are unused) plus
+/// the stages and the box-head shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CascadeConfig {
+    pub base: DetectorConfig,
+    pub stages: Vec<StageCfg>,
+    pub num_shared_convs: usize,
+    pub conv_channels: i64,
+    pub num_shared_fcs: usize,
+    /// GIoU loss weight on decoded boxes (`reg_decoded_bbox`).
+    pub giou_weight: f64,
+}
+
+/// Preset names [`CascadeConfig::preset`] knows.
+pub const PRESETS: [&str; 6] = [
+    "cascade_mask_rcnn_convnext_tiny_3x",
+    "cascade_mask_rcnn_convnext_small_3x",
+    "cascade_mask_rcnn_convnext_base_3x",
+    "cascade_mask_rcnn_convnext_base_3x_in22k",
+    "cascade_mask_rcnn_convnext_large_3x_in22k",
+    "cascade_mask_rcnn_convnext_xlarge_3x_in22k",
+];
+
+impl CascadeConfig {
+    /// The paper's Cascade Mask R-CNN with a ConvNeXt variant, 80 classes.
+    pub fn cascade_mask_rcnn_convnext(variant: &str) -> Result<Self, HeadsError> {
+        let mut base = DetectorConfig::mask_rcnn_convnext(variant)?;
+        base.name = format!(
+            "cascade_mask_rcnn_convnext_{}",
+            variant.strip_prefix("convnext_").unwrap_or(variant)
+        );
+        base.rpn.train_proposals = ProposalCfg::train(2000);
+        base.roi.assigner = MaxIoUAssigner::rcnn(0.5);
+        Ok(Self {
+            base,
+            stages: vec![
+                StageCfg::new(0.5, 1.0, [0.1, 0.1, 0.2, 0.2]),
+                StageCfg::new(0.6, 0.5, [0.05, 0.05, 0.1, 0.1]),
+                StageCfg::new(0.7, 0.25, [0.033, 0.033, 0.067, 0.067]),
+            ],
+            num_shared_convs: 4,
+            conv_channels: 256,
+            num_shared_fcs: 1,
+            giou_weight: 10.0,
+        })
+    }
+
+    /// A named preset (see [`PRESETS`]); drop-path rates of the recipes table.
+    pub fn preset(name: &str) -> Result<Self, HeadsError> {
+        let (variant, dpr) = match name {
+            "cascade_mask_rcnn_convnext_tiny_3x" => ("tiny", 0.4),
+            "cascade_mask_rcnn_convnext_small_3x" => ("small", 0.6),
+            "cascade_mask_rcnn_convnext_base_3x" => ("base", 0.7),
+            "cascade_mask_rcnn_convnext_base_3x_in22k" => ("base", 0.6),
+            "cascade_mask_rcnn_convnext_large_3x_in22k" => ("large", 0.7),
+            "cascade_mask_rcnn_convnext_xlarge_3x_in22k" => ("xlarge", 0.8),
+            _ => {
+                return Err(HeadsError::Config(format!(
+                    "unknown cascade preset '{name}'; known: {}",
+                    PRESETS.join(", ")
+                )))
+            }
+        };
+        let mut c = Self::cascade_mask_rcnn_convnext(variant)?;
+        c.base.name = name.to_string();
+        c.base.backbone.drop_path_rate = dpr;
+        Ok(c)
+    }
+
+    fn convnext(&self) -> ConvNeXtConfig {
+        let b = &self.base.backbone;
+        ConvNeXtConfig {
+            depths: b.depths.clone(),
+            dims: b.dims.clone(),
+            ..ConvNeXtConfig::tiny()
+        }
+        .with_drop_path(b.drop_path_rate)
+        .with_layer_scale(b.layer_scale_init_value)
+        .dense(&[0, 1, 2, 3])
+    }
+}
+
+/// The assembled Cascade Mask R-CNN.
+#[derive(Debug)]
+pub struct CascadeDetector {
+    pub config: CascadeConfig,
+    pub backbone: Box<dyn DenseBackbone>,
+    pub neck: Fpn,
+    pub rpn: RpnHead,
+    pub bbox_extractor: RoiExtractor,
+    pub bbox_heads: Vec<ConvFcBoxHead>,
+    pub mask_extractor: RoiExtractor,
+    pub mask_heads: Vec<FcnMaskHead>,
+}
+
+/// `BBoxHead.regress_by_class`: apply each RoI's `labels` deltas from class-specific `reg`
+/// (R,4K) to `rois` (R,5), clipped to `img_shape`; returns new rois (R,5).
+pub fn regress_by_class(
+    rois: &Tensor,
+    labels: &Tensor,
+    reg: &Tensor,
+    coder: &DeltaXYWHCoder,
+    img_shape: (i64, i64),
+) -> Tensor {
+    let r = rois.size()[0];
+    if r == 0 {
+        return rois.shallow_clone();
+    }
+    let l = (labels * 4).view([-1, 1]);
+    let inds = Tensor::cat(&[&l, &(&l + 1), &(&l + 2), &(&l + 3)], 1);
+    let d = reg.gather(1, &inds, false);
+    let b = coder.decode(
+        &rois.slice(1, 1, 5, 1),
+        &d,
+        Some((img_shape.0 as f64, img_shape.1 as f64)),
+    );
+    Tensor::cat(&[rois.slice(1, 0, 1, 1), b], 1)
+}
+
+impl CascadeDetector {
+    /// Build under `root`: `backbone.`, `neck.`, `rpn_head.`, `roi_head.bbox_head.{i}.`,
+    /// `roi_head.mask_head.{i}.`.
+    pub fn new(root: &Path, config: &CascadeConfig) -> Self {
+        let cfg = config.clone();
+        let backbone = ConvNeXt::new(root / "backbone", &cfg.convnext());
+        let chans = backbone.out_channels();
+        let b = &cfg.base;
+        let c = b.neck.out_channels;
+        let neck = Fpn::new(&(root / "neck"), &chans, c, b.neck.num_outs);
+        let mut rpn = RpnHead::new(&(root / "rpn_head"), c, b.rpn.anchors.clone());
+        rpn.assigner = b.rpn.assigner.clone();
+        rpn.sampler = b.rpn.sampler.clone();
+        let r = &b.roi;
+        let bbox_heads = (0..cfg.stages.len())
+            .map(|i| {
+                ConvFcBoxHead::new(
+                    &(root / "roi_head" / "bbox_head" / i),
+                    c,
+                    r.bbox_roi_size,
+                    cfg.num_shared_convs,
+                    cfg.conv_channels,
+                    cfg.num_shared_fcs,
+                    r.fc_dim,
+                    r.num_classes,
+                )
+            })
+            .collect();
+        let mask_heads = if r.with_mask {
+            (0..cfg.stages.len())
+                .map(|i| {
+                    FcnMaskHead::new(
+                        &(root / "roi_head" / "mask_head" / i),
+                        c,
+                        r.mask_conv_channels,
+                        r.mask_num_convs,
+                        r.num_classes,
+                    )
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        let mut bbox_extractor = RoiExtractor::new(r.bbox_roi_size, r.featmap_strides.clone());
+        bbox_extractor.finest_scale = r.finest_scale;
+        let mut mask_extractor = RoiExtractor::new(r.mask_roi_size, r.featmap_strides.clone());
+        mask_extractor.finest_scale = r.finest_scale;
+        Self {
+            config: cfg,
+            backbone: Box::new(backbone),
+            neck,
+            rpn,
+            bbox_extractor,
+            bbox_heads,
+            mask_extractor,
+            mask_heads,
+        }
+    }
+
+    /// Backbone + FPN features; inputs padded bottom/right to multiples of 32 first.
+    pub fn features(&self, images: &Tensor, train: bool) -> Vec<Tensor> {
+        let s = images.size();
+        let (ph, pw) = (
+            ((s[2] + 31) / 32 * 32).max(32),
+            ((s[3] + 31) / 32 * 32).max(32),
+        );
+        let padded;
+        let images = if ph != s[2] || pw != s[3] {
+            padded = images.constant_pad_nd([0, pw - s[3], 0, ph - s[2]]);
+            &padded
+        } else {
+            images
+        };
+        let f = self.backbone.forward_features(images, train);
+        self.neck.forward(&f)
+    }
+
+    fn roi_feats<'a>(&self, feats: &'a [Tensor]) -> &'a [Tensor] {
+        &feats[..self.config.base.roi.featmap_strides.len()]
+    }
+
+    /// Training losses as mmdet's `CascadeRoIHead.forward_train` names them: `loss_rpn_cls`,
+    /// `loss_rpn_bbox`, then per stage `s{i}.loss_cls`, `s{i}.loss_bbox`, `s{i}.loss_mask`
+    /// (scaled by the stage's weight) and `s{i}.acc`.
+    pub fn forward_train(&self, images: &Tensor, metas: &[ImgMeta], gts: &[GtInstances]) -> Losses {
+        let feats = self.features(images, true);
+        let shapes: Vec<(i64, i64)> = metas.iter().map(|m| m.img_shape).collect();
+        let gt_boxes: Vec<Tensor> = gts.iter().map(|g| g.boxes.to_kind(Kind::Float)).collect();
+        let rpn_out = self.rpn.forward(&feats);
+        let (loss_rpn_cls, loss_rpn_bbox) = self.rpn.loss(&rpn_out, &shapes, &gt_boxes);
+        let mut proposals: Vec<Tensor> = self
+            .rpn
+            .proposals(&rpn_out, &shapes, &self.config.base.rpn.train_proposals)
+            .iter()
+            .map(|p| p.slice(1, 0, 4, 1).detach())
+            .collect();
+        let mut m = BTreeMap::new();
+        m.insert("loss_rpn_cls".to_string(), loss_rpn_cls);
+        m.insert("loss_rpn_bbox".to_string(), loss_rpn_bbox);
+        let r = &self.config.base.roi;
+        let rf = self.roi_feats(&feats);
+        let n_stages = self.config.stages.len();
+        for (i, st) in self.config.stages.iter().enumerate() {
+            let samples: Vec<SamplingResult> = tch::no_grad(|| {
+                proposals
+                    .iter()
+                    .zip(gts)
+                    .zip(&gt_boxes)
+                    .map(|((p, g), gb)| {
+                        let a = st.assigner.assign(p, gb, &g.labels);
+                        st.sampler.sample(&a, p, gb, &g.labels)
+                    })
+                    .collect()
+            });
+            let rois = bbox_head::sampled_rois(&samples);
+            let bf = self.bbox_extractor.forward(rf, &rois);
+            let (cls, reg) = self.bbox_heads[i].forward(&bf, true);
+            let t = bbox_head::box_targets(&samples, &gt_boxes, r.num_classes, &st.coder, true);
+            let (loss_cls, loss_bbox, acc) = self.box_loss_giou(&cls, &reg, &rois, &t, &st.coder);
+            let lw = st.loss_weight;
+            m.insert(format!("s{i}.loss_cls"), loss_cls * lw);
+            m.insert(format!("s{i}.loss_bbox"), loss_bbox * lw);
+            m.insert(format!("s{i}.acc"), acc);
+            if let Some(mh) = self.mask_heads.get(i) {
+                let pos: Vec<Tensor> = samples.iter().map(|s| s.pos_boxes()).collect();
+                let pos_rois = bbox2roi(&pos.iter().collect::<Vec<_>>());
+                let out = 2 * r.mask_roi_size;
+                let targets: Vec<Tensor> = tch::no_grad(|| {
+                    samples
+                        .iter()
+                        .zip(gts)
+                        .zip(&pos)
+                        .map(|((s, g), pb)| mask_targets(pb, &s.pos_gt_inds, g, out))
+                        .collect()
+                });
+                let labels = Tensor::cat(
+                    &samples
+                        .iter()
+                        .map(|s| s.pos_labels.shallow_clone())
+                        .collect::<Vec<_>>(),
+                    0,
+                );
+                let logits = mh.forward(&self.mask_extractor.forward(rf, &pos_rois));
+                let tg = Tensor::cat(&targets, 0).to_device(logits.device());
+                m.insert(
+                    format!("s{i}.loss_mask"),
+                    mask_head::mask_loss(&logits, &tg, &labels) * lw,
+                );
+            }
+            if i + 1 < n_stages {
+                if cls.numel() == 0 {
+                    break;
+                }
+                // mmdet `refine_bboxes`: background RoIs take their argmax foreground class,
+                // every RoI is regressed by its class, then RoIs that were GT boxes added as
+                // proposals (positives with `pos_is_gt`) are dropped.
+                proposals = tch::no_grad(|| {
+                    let k = r.num_classes;
+                    let cls = cls.detach().to_kind(Kind::Float);
+                    let reg = reg.detach().to_kind(Kind::Float);
+                    let fg = cls.slice(1, 0, k, 1).argmax(1, false);
+                    let labels = t.labels.eq(k).where_self(&fg, &t.labels).detach();
+                    let counts: Vec<i64> = samples
+                        .iter()
+                        .map(|s| s.num_pos() + s.num_neg())
+                        .collect();
+                    let rois_s = rois.split_with_sizes(&counts, 0);
+                    let lab_s = labels.split_with_sizes(&counts, 0);
+                    let reg_s = reg.split_with_sizes(&counts, 0);
+                    samples
+                        .iter()
+                        .enumerate()
+                        .map(|(j, s)| {
+                            let new = regress_by_class(
+                                &rois_s[j],
+                                &lab_s[j],
+                                &reg_s[j],
+                                &st.coder,
+                                metas[j].img_shape,
+                            )
+                            .slice(1, 1, 5, 1);
+                            let g = if st.sampler.add_gt_as_proposals {
+                                gt_boxes[j].size()[0]
+                            } else {
+                                0
+                            };
+                            let keep_pos = s.pos_inds.ge(g);
+                            let keep = Tensor::cat(
+                                &[
+                                    keep_pos,
+                                    Tensor::ones([s.num_neg()], (Kind::Bool, new.device())),
+                                ],
+                                0,
+                            );
+                            new.index_select(0, &keep.nonzero().view([-1]))
+                        })
+                        .collect()
+                });
+            }
+        }
+        Losses(m)
+    }
+
+    /// mmdet `BBoxHead.loss` with `reg_decoded_bbox` and GIoU: cross-entropy averaged over all
+    /// sampled RoIs; deltas decoded on the RoIs (no clipping) and `weight × Σ(1 − GIoU)` over
+    /// positives divided by the number of RoIs.
+    fn box_loss_giou(
+        &self,
+        cls: &Tensor,
+        reg: &Tensor,
+        rois: &Tensor,
+        t: &bbox_head::BoxTargets,
+        coder: &DeltaXYWHCoder,
+    ) -> (Tensor, Tensor, Tensor) {
+        let n = cls.size()[0].max(1) as f64;
+        let logp = cls.log_softmax(-1, Kind::Float);
+        let loss_cls = -logp
+            .gather(1, &t.labels.view([-1, 1]), false)
+            .sum(Kind::Float)
+            / n;
+        let acc = cls
+            .argmax(-1, false)
+            .eq_tensor(&t.labels)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            * 100.0;
+        let pos_idx = t.pos_mask.nonzero().view([-1]);
+        let loss_bbox = if pos_idx.size()[0] > 0 {
+            let d = bbox_head::select_class_deltas(reg, &t.labels, &pos_idx).to_kind(Kind::Float);
+            let pr = rois.index_select(0, &pos_idx).slice(1, 1, 5, 1);
+            let pred = coder.decode(&pr, &d, None);
+            let g = crate::boxes::aligned_giou(&pred, &t.bbox_targets.index_select(0, &pos_idx));
+            (1.0 - g).sum(Kind::Float) / n * self.config.giou_weight
+        } else {
+            reg.sum(Kind::Float) * 0.0
+        };
+        (loss_cls, loss_bbox, acc.detach())
+    }
+
+    /// [`CascadeDetector::forward_train`] on a `cnx_datasets` batch.
+    pub fn forward_train_batch(&self, batch: &cnx_datasets::DetBatch, device: Device) -> Losses {
+        let (images, metas) = crate::detector::batch_inputs(batch, device);
+        let gts: Vec<GtInstances> = batch
+            .targets
+            .iter()
+            .map(|t| GtInstances::from_targets(t, device))
+            .collect();
+        self.forward_train(&images, &metas, &gts)
+    }
+
+    /// [`CascadeDetector::predict`] on a `cnx_datasets` batch.
+    pub fn predict_batch(&self, batch: &cnx_datasets::DetBatch, device: Device) -> Vec<Detections> {
+        let (images, metas) = crate::detector::batch_inputs(batch, device);
+        self.predict(&images, &metas)
+    }
+
+    /// Inference on a padded batch; detections rescaled to each image's original size.
+    pub fn predict(&self, images: &Tensor, metas: &[ImgMeta]) -> Vec<Detections> {
+        tch::no_grad(|| {
+            let feats = self.features(images, false);
+            let proposals = self.proposals(&feats, metas);
+            self.predict_from_proposals(&feats, &proposals, metas)
+        })
+    }
+
+    /// RPN proposals (K,5 with scores) per image, test settings.
+    pub fn proposals(&self, feats: &[Tensor], metas: &[ImgMeta]) -> Vec<Tensor> {
+        let shapes: Vec<(i64, i64)> = metas.iter().map(|m| m.img_shape).collect();
+        let out = self.rpn.forward(feats);
+        self.rpn
+            .proposals(&out, &shapes, &self.config.base.rpn.test_proposals)
+    }
+
+    /// mmdet `CascadeRoIHead.simple_test` from given proposals.
+    pub fn predict_from_proposals(
+        &self,
+        feats: &[Tensor],
+        proposals: &[Tensor],
+        metas: &[ImgMeta],
+    ) -> Vec<Detections> {
+        let r = &self.config.base.roi;
+        let test: &RcnnTestCfg = &r.test;
+        let rf = self.roi_feats(feats);
+        let counts: Vec<i64> = proposals.iter().map(|p| p.size()[0]).collect();
+        let n_img = proposals.len();
+        let mut rois = bbox2roi(&proposals.iter().collect::<Vec<_>>());
+        let k = r.num_classes;
+        let mut cls_sum: Option<Tensor> = None;
+        let mut last_reg = None;
+        let n_stages = self.bbox_heads.len();
+        for (i, head) in self.bbox_heads.iter().enumerate() {
+            let bf = self.bbox_extractor.forward(rf, &rois);
+            let (cls, reg) = head.forward(&bf, false);
+            let (cls, reg) = (cls.to_kind(Kind::Float), reg.to_kind(Kind::Float));
+            cls_sum = Some(match cls_sum {
+                None => cls.shallow_clone(),
+                Some(s) => s + &cls,
+            });
+            if i + 1 < n_stages {
+                let rois_s = rois.split_with_sizes(&counts, 0);
+                let cls_s = cls.split_with_sizes(&counts, 0);
+                let reg_s = reg.split_with_sizes(&counts, 0);
+                let refined: Vec<Tensor> = (0..n_img)
+                    .map(|j| {
+                        let lab = cls_s[j].slice(1, 0, k, 1).argmax(1, false);
+                        regress_by_class(
+                            &rois_s[j],
+                            &lab,
+                            &reg_s[j],
+                            &self.config.stages[i].coder,
+                            metas[j].img_shape,
+                        )
+                    })
+                    .collect();
+                rois = Tensor::cat(&refined, 0);
+            } else {
+                last_reg = Some(reg);
+            }
+        }
+        let cls = cls_sum.expect("at least one stage") / n_stages as f64;
+        let reg = last_reg.expect("at least one stage");
+        let last_coder = &self.config.stages[n_stages - 1].coder;
+        let rois_s = rois.split_with_sizes(&counts, 0);
+        let cls_s = cls.split_with_sizes(&counts, 0);
+        let reg_s = reg.split_with_sizes(&counts, 0);
+        let dets: Vec<bbox_head::BoxDetections> = (0..n_img)
+            .map(|i| {
+                bbox_head::get_bboxes(
+                    &rois_s[i],
+                    &cls_s[i],
+                    &reg_s[i],
+                    last_coder,
+                    metas[i].img_shape,
+                    sf4(&metas[i]),
+                    test,
+                )
+            })
+            .collect();
+        let mut masks: Vec<Option<Tensor>> = (0..n_img).map(|_| None).collect();
+        if !self.mask_heads.is_empty() {
+            let scaled: Vec<Tensor> = dets
+                .iter()
+                .zip(metas)
+                .map(|(d, m)| &d.boxes * Tensor::from_slice(&sf4(m)).to_device(d.boxes.device()))
+                .collect();
+            let dc: Vec<i64> = scaled.iter().map(|s| s.size()[0]).collect();
+            let total: i64 = dc.iter().sum();
+            if total > 0 {
+                let mrois = bbox2roi(&scaled.iter().collect::<Vec<_>>());
+                let mf = self.mask_extractor.forward(rf, &mrois);
+                // merge_aug_masks: the mean of the stages' sigmoid probabilities.
+                let mut prob: Option<Tensor> = None;
+                for mh in &self.mask_heads {
+                    let p = mh.forward(&mf).to_kind(Kind::Float).sigmoid();
+                    prob = Some(match prob {
+                        None => p,
+                        Some(s) => s + p,
+                    });
+                }
+                let prob = prob.expect("mask heads") / self.mask_heads.len() as f64;
+                let parts = prob.split_with_sizes(&dc, 0);
+                for (i, d) in dets.iter().enumerate() {
+                    let (oh, ow) = metas[i].ori_shape;
+                    if dc[i] == 0 {
+                        masks[i] = Some(Tensor::zeros([0, oh, ow], (Kind::Bool, prob.device())));
+                        continue;
+                    }
+                    let p = &parts[i];
+                    let idx = d
+                        .labels
+                        .view([-1, 1, 1, 1])
+                        .expand([dc[i], 1, p.size()[2], p.size()[3]], false);
+                    let p = p.gather(1, &idx, false).squeeze_dim(1);
+                    let sf = Tensor::from_slice(&sf4(&metas[i])).to_device(p.device());
+                    let b = &scaled[i] / sf;
+                    masks[i] = Some(mask_head::paste_masks(
+                        &p,
+                        &b,
+                        oh,
+                        ow,
+                        test.mask_thr_binary,
+                    ));
+                }
+            } else {
+                for (i, m) in metas.iter().enumerate() {
+                    masks[i] = Some(Tensor::zeros(
+                        [0, m.ori_shape.0, m.ori_shape.1],
+                        (Kind::Bool, rois.device()),
+                    ));
+                }
+            }
+        }
+        dets.into_iter()
+            .zip(masks)
+            .map(|(d, m)| Detections {
+                boxes: d.boxes,
+                scores: d.scores,
+                labels: d.labels,
+                masks: m,
+            })
+            .collect()
+    }
+
+    /// mmdet's `forward_dummy` (what `get_flops` runs): backbone, neck, RPN head, then the same
+    /// 1000 random proposals through every box head and the first 100 through every mask head.
+    pub fn forward_dummy(&self, images: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let feats = self.features(images, false);
+            let out = self.rpn.forward(&feats);
+            let props = Tensor::randn([1000, 4], (Kind::Float, images.device()));
+            let rois = bbox2roi(&[&props]);
+            let rf = self.roi_feats(&feats);
+            let mut s = out.cls[0].sum(Kind::Float);
+            for h in &self.bbox_heads {
+                let (cls, _) = h.forward(&self.bbox_extractor.forward(rf, &rois), false);
+                s += cls.sum(Kind::Float);
+            }
+            let mr = rois.slice(0, 0, 100, 1);
+            for mh in &self.mask_heads {
+                s += mh
+                    .forward(&self.mask_extractor.forward(rf, &mr))
+                    .sum(Kind::Float);
+            }
+            s
+        })
+    }
+}
+
+fn sf4(m: &ImgMeta) -> [f32; 4] {
+    [
+        m.scale_factor.0,
+        m.scale_factor.1,
+        m.scale_factor.0,
+        m.scale_factor.1,
+    ]
+}
+
+/// Parameters and multiply-adds as mmdet's `get_flops` counts them (one `forward_dummy`).
+pub fn complexity(cfg: &CascadeConfig, hw: [i64; 2]) -> (i64, cnx_backbone::flops::FlopTally) {
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let det = CascadeDetector::new(&vs.root(), cfg);
+    let params = cnx_backbone::nn::param_count(&vs);
+    let x = Tensor::zeros([1, 3, hw[0], hw[1]], (Kind::Float, Device::Cpu));
+    let (_, tally) = cnx_backbone::flops::count(|| det.forward_dummy(&x));
+    (params, tally)
+}
