@@ -12,7 +12,9 @@ fn main() {
     let ds = CocoDataset::load(&a[1], &a[2]).unwrap();
     let n = ds.images.len();
     let t = Instant::now();
-    let imgs: Vec<_> = (0..n).map(|i| image_io::read_rgb(&ds.image_path(i)).unwrap()).collect();
+    let imgs: Vec<_> = (0..n)
+        .map(|i| image_io::read_rgb(&ds.image_path(i)).unwrap())
+        .collect();
     let dec = t.elapsed().as_secs_f64() / n as f64;
     let t = Instant::now();
     let res: Vec<_> = imgs
@@ -35,5 +37,11 @@ fn main() {
         std::hint::black_box(ds.masks(i, cnx_datasets::MaskMode::Bitmap));
     }
     let mk = t.elapsed().as_secs_f64() / n as f64;
-    println!("per image: decode {:.2} ms, resize {:.2} ms, normalize+pad {:.2} ms, masks {:.2} ms", dec * 1e3, rs * 1e3, nm * 1e3, mk * 1e3);
+    println!(
+        "per image: decode {:.2} ms, resize {:.2} ms, normalize+pad {:.2} ms, masks {:.2} ms",
+        dec * 1e3,
+        rs * 1e3,
+        nm * 1e3,
+        mk * 1e3
+    );
 }

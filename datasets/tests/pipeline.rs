@@ -113,7 +113,12 @@ fn test_pipeline_shapes() {
         let (h, w) = m.img_shape;
         assert!(h.min(w) == 800 || h.max(w) == 1333, "{m:?}");
         assert!(!m.flip);
-        assert!(b.shape[2] >= h && b.shape[3] >= w && b.shape[2].is_multiple_of(32) && b.shape[3].is_multiple_of(32));
+        assert!(
+            b.shape[2] >= h
+                && b.shape[3] >= w
+                && b.shape[2].is_multiple_of(32)
+                && b.shape[3].is_multiple_of(32)
+        );
     }
     assert_eq!(it.count(), 39);
 }

@@ -489,7 +489,7 @@ impl CascadeDetector {
             let pr = rois.index_select(0, &pos_idx).slice(1, 1, 5, 1);
             let pred = coder.decode(&pr, &d, None);
             let g = crate::boxes::aligned_giou(&pred, &t.bbox_targets.index_select(0, &pos_idx));
-            (1.0 - g).sum(Kind::Float) / n * self.config.giou_weight
+            (g.neg() + 1.0).sum(Kind::Float) / n * self.config.giou_weight
         } else {
             reg.sum(Kind::Float) * 0.0
         };
@@ -545,7 +545,7 @@ impl CascadeDetector {
         let mut rois = bbox2roi(&proposals.iter().collect::<Vec<_>>());
         let k = r.num_classes;
         let mut cls_sum: Option<Tensor> = None;
-        let mut last_reg = None;
+        let mut last_reg: Option<Tensor> = None;
         let n_stages = self.bbox_heads.len();
         for (i, head) in self.bbox_heads.iter().enumerate() {
             let bf = self.bbox_extractor.forward(rf, &rois);

@@ -132,3 +132,29 @@ fn config_round_trips_through_json_and_presets_are_known() {
     assert_eq!(c, back);
     assert!(DetectorConfig::preset("nope").is_err());
 }
+
+#[test]
+fn training_with_an_image_without_boxes_gives_finite_losses() {
+    tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let det = Detector::new(&vs.root(), &small_config(3));
+    let x = Tensor::randn([2, 3, 64, 96], (Kind::Float, Device::Cpu));
+    let metas = vec![ImgMeta { img_shape: (64, 96), ori_shape: (64, 96), scale_factor: (1.0, 1.0) }; 2];
+    let gts = vec![
+        cnx_heads::GtInstances {
+            boxes: Tensor::zeros([0, 4], (Kind::Float, Device::Cpu)),
+            labels: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
+            masks: None,
+        },
+        cnx_heads::GtInstances {
+            boxes: Tensor::from_slice(&[10f32, 8., 50., 40.]).view([1, 4]),
+            labels: Tensor::from_slice(&[2i64]),
+            masks: None,
+        },
+    ];
+    let losses = det.forward_train(&x, &metas, &gts);
+    for (k, v) in losses.values() {
+        assert!(v.is_finite(), "{k} = {v}");
+    }
+    losses.total().backward();
+}

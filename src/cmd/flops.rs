@@ -58,6 +58,9 @@ pub fn known_models() -> Vec<String> {
     v.extend(cnx_heads::segmentor::PRESETS.iter().map(|s| s.to_string()));
     // Mask R-CNN (mmdet get_flops: forward_dummy with 1000 RoIs / 100 mask RoIs).
     v.extend(cnx_heads::detector::PRESETS.iter().map(|s| s.to_string()));
+    // Cascade Mask R-CNN (forward_dummy: 1000 RoIs through each of the 3 box heads, 100
+    // through each mask head).
+    v.extend(cnx_heads::cascade::PRESETS.iter().map(|s| s.to_string()));
     v
 }
 
@@ -71,6 +74,11 @@ pub fn count_model(name: &str, h: i64, w: i64) -> Result<(i64, f64)> {
     // Detectors / segmentors with Swin or ResNet backbones (the comparison rows).
     if let Some(r) = crate::cmd::compare::count_preset(name, h, w) {
         return r;
+    }
+    if name.starts_with("cascade_mask_rcnn_convnext_") {
+        let cfg = cnx_heads::cascade::CascadeConfig::preset(name)?;
+        let (params, tally) = cnx_heads::cascade::complexity(&cfg, [h, w]);
+        return Ok((params, tally.total));
     }
     if name.starts_with("mask_rcnn_") {
         let cfg = cnx_heads::DetectorConfig::preset(name)?;

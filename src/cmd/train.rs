@@ -69,11 +69,8 @@ pub fn train_config(
     if cfg.runtime.threads > 0 {
         tch::set_num_threads(cfg.runtime.threads);
     }
-    // Model config errors (e.g. Cascade not built yet) and missing data come before any work.
-    match cfg.task {
-        crate::engine::config::Task::Det => drop(tasks::detector_config(cfg)?),
-        crate::engine::config::Task::Seg => drop(tasks::segmentor_config(cfg)?),
-    }
+    // Model config errors and missing data come before any work.
+    tasks::check_model(cfg)?;
     let mut task = tasks::build(cfg, device)?;
     let summary = trainer::train(cfg, task.as_train(), device, opts)?;
     Ok((summary, task))

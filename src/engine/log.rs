@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Once;
 
 /// One logged point: iteration and named values.
@@ -17,7 +17,6 @@ pub struct Point {
 
 /// Append-only JSONL log plus the in-memory history the plot is drawn from.
 pub struct RunLog {
-    path: PathBuf,
     file: std::fs::File,
     pub train: Vec<Point>,
     pub val: Vec<Point>,
@@ -59,16 +58,7 @@ impl RunLog {
         }
         std::fs::write(&path, keep).with_context(|| format!("writing {}", path.display()))?;
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
-        Ok(Self {
-            path,
-            file,
-            train,
-            val,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { file, train, val })
     }
 
     /// Log one line; `mode` is "train" or "val". Non-numeric extras go in `extra`.

@@ -10,6 +10,7 @@ use cnx_datasets::ade::{AdeDataset, AdeTestIter, AdeTrain, SegBatch, SegTrainPip
 use cnx_datasets::{
     CocoDataset, CocoTrain, DetBatch, Loader, LoaderConfig, TestIter, TestPipeline, TrainPipeline,
 };
+use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
 use cnx_heads::segmentor::{SegmentorConfig, TestMode};
 use cnx_heads::{Detector, DetectorConfig};
 use std::collections::BTreeMap;
@@ -17,16 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{nn, Device, Kind, Tensor};
 
-/// The heads crate's detector config for an engine config.
+/// The heads crate's detector config for an engine config (Mask R-CNN; also the shared part of
+/// a Cascade config).
 pub fn detector_config(cfg: &Config) -> Result<DetectorConfig> {
     let m = &cfg.model;
-    match m.arch {
-        Arch::MaskRcnn => {}
-        Arch::CascadeMaskRcnn => bail!(
-            "Cascade model not built yet (issue 7): preset {} has its recipe but no model",
-            cfg.name
-        ),
-        Arch::Upernet => bail!("{} is a segmentation config", cfg.name),
+    if m.arch == Arch::Upernet {
+        bail!("{} is a segmentation config", cfg.name);
     }
     let h = m.det.as_ref().ok_or_else(|| anyhow!("model.det missing"))?;
     let mut d = DetectorConfig::mask_rcnn_convnext("tiny").map_err(|e| anyhow!("{e}"))?;
@@ -53,6 +50,56 @@ pub fn detector_config(cfg: &Config) -> Result<DetectorConfig> {
     d.roi.test.max_per_img = h.test_max_per_img;
     d.roi.test.mask_thr_binary = h.mask_thr;
     Ok(d)
+}
+
+/// The heads crate's Cascade Mask R-CNN config: its three stages (IoU 0.5/0.6/0.7, GIoU) around
+/// the shared detector part above.
+pub fn cascade_config(cfg: &Config) -> Result<CascadeConfig> {
+    let base = detector_config(cfg)?;
+    let h = cfg
+        .model
+        .det
+        .as_ref()
+        .ok_or_else(|| anyhow!("model.det missing"))?;
+    let mut c = CascadeConfig::cascade_mask_rcnn_convnext("tiny").map_err(|e| anyhow!("{e}"))?;
+    c.base = base;
+    for s in c.stages.iter_mut() {
+        s.sampler.num = h.rcnn_train_num_rois;
+        s.sampler.pos_fraction = h.rcnn_pos_fraction;
+    }
+    c.conv_channels = h.fpn_channels;
+    Ok(c)
+}
+
+/// Check the model part of a config builds (before any data is read).
+pub fn check_model(cfg: &Config) -> Result<()> {
+    match cfg.model.arch {
+        Arch::MaskRcnn => drop(detector_config(cfg)?),
+        Arch::CascadeMaskRcnn => drop(cascade_config(cfg)?),
+        Arch::Upernet => drop(segmentor_config(cfg)?),
+    }
+    Ok(())
+}
+
+/// The two detectors behind one interface.
+enum DetModel {
+    Mask(Box<Detector>),
+    Cascade(Box<CascadeDetector>),
+}
+
+impl DetModel {
+    fn losses(&self, b: &DetBatch, d: Device) -> cnx_heads::Losses {
+        match self {
+            DetModel::Mask(m) => m.forward_train_batch(b, d),
+            DetModel::Cascade(m) => m.forward_train_batch(b, d),
+        }
+    }
+    fn predict_batch(&self, b: &DetBatch, d: Device) -> Vec<cnx_heads::Detections> {
+        match self {
+            DetModel::Mask(m) => m.predict_batch(b, d),
+            DetModel::Cascade(m) => m.predict_batch(b, d),
+        }
+    }
 }
 
 /// The heads crate's segmentor config for an engine config.
@@ -158,7 +205,7 @@ fn loader_config(cfg: &Config) -> LoaderConfig {
 /// Mask R-CNN on a COCO-format dataset.
 pub struct DetTask {
     vs: nn::VarStore,
-    model: Detector,
+    model: DetModel,
     device: Device,
     batch_size: usize,
     loader_cfg: LoaderConfig,
@@ -175,7 +222,7 @@ pub struct DetTask {
 
 impl DetTask {
     pub fn new(cfg: &Config, device: Device) -> Result<Self> {
-        let dc = detector_config(cfg)?;
+        check_model(cfg)?;
         let root = &cfg.data.root;
         let train = Arc::new(
             CocoDataset::load(
@@ -211,7 +258,13 @@ impl DetTask {
         };
         let source = Arc::new(CocoTrain::new(train, pipeline));
         let vs = nn::VarStore::new(device);
-        let model = Detector::new(&vs.root(), &dc);
+        let model = match cfg.model.arch {
+            Arch::CascadeMaskRcnn => DetModel::Cascade(Box::new(CascadeDetector::new(
+                &vs.root(),
+                &cascade_config(cfg)?,
+            ))),
+            _ => DetModel::Mask(Box::new(Detector::new(&vs.root(), &detector_config(cfg)?))),
+        };
         let loader_cfg = loader_config(cfg);
         let bs = cfg.data.batch_size;
         // Batches per epoch as the loader's group sampler makes them (per aspect group).
@@ -237,10 +290,6 @@ impl DetTask {
             test_scale: (short, long),
             val_max: cfg.data.val_max_images,
         })
-    }
-
-    pub fn detector(&self) -> &Detector {
-        &self.model
     }
 
     fn val_batches(&self) -> impl Iterator<Item = cnx_datasets::Result<DetBatch>> {
@@ -292,7 +341,7 @@ impl TrainTask for DetTask {
         } else {
             (batch.epoch as u64, batch.iter as u64 + 1)
         };
-        let losses = self.model.forward_train_batch(&batch, self.device);
+        let losses = self.model.losses(&batch, self.device);
         Ok(losses
             .0
             .into_iter()

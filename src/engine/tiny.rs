@@ -96,7 +96,7 @@ impl TrainTask for Tiny {
         let mut l1 = (out.select(1, 0) - &y).square().mean(Kind::Float);
         let l2 = out.select(1, 1).square().mean(Kind::Float) * 0.1;
         if self.nan_at == Some(self.calls) {
-            l1 = l1 * f64::NAN;
+            l1 *= f64::NAN;
         }
         Ok(vec![("loss_a".into(), l1), ("loss_b".into(), l2)])
     }

@@ -353,7 +353,7 @@ pub fn train(
                 short.join(" ")
             ));
         }
-        if iter % cfg.runtime.log_interval.max(1) == 0 || iter == stop_at {
+        if iter.is_multiple_of(cfg.runtime.log_interval.max(1)) || iter == stop_at {
             let dt = t_log.elapsed().as_secs_f64();
             let mut v: BTreeMap<String, f64> = sums
                 .iter()
@@ -391,11 +391,11 @@ pub fn train(
             plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
         }
         let ck = cfg.runtime.checkpoint_interval;
-        if ck > 0 && iter % ck == 0 && iter < stop_at {
+        if ck > 0 && iter.is_multiple_of(ck) && iter < stop_at {
             last_weights = Some(save(task, &opt, &scaler, iter)?);
         }
         let ev = cfg.runtime.eval_interval;
-        if !opts.no_eval && ev > 0 && iter % ev == 0 && iter < stop_at {
+        if !opts.no_eval && ev > 0 && iter.is_multiple_of(ev) && iter < stop_at {
             metrics = run_eval(task, &work_dir, iter, &mut log, &pb, opts.quiet)?;
             plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
             t_log = Instant::now();
