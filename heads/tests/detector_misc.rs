@@ -139,7 +139,14 @@ fn training_with_an_image_without_boxes_gives_finite_losses() {
     let vs = VarStore::new(Device::Cpu);
     let det = Detector::new(&vs.root(), &small_config(3));
     let x = Tensor::randn([2, 3, 64, 96], (Kind::Float, Device::Cpu));
-    let metas = vec![ImgMeta { img_shape: (64, 96), ori_shape: (64, 96), scale_factor: (1.0, 1.0) }; 2];
+    let metas = vec![
+        ImgMeta {
+            img_shape: (64, 96),
+            ori_shape: (64, 96),
+            scale_factor: (1.0, 1.0)
+        };
+        2
+    ];
     let gts = vec![
         cnx_heads::GtInstances {
             boxes: Tensor::zeros([0, 4], (Kind::Float, Device::Cpu)),

@@ -132,7 +132,11 @@ fn same_proposals_detections_and_masks_as_mmdet() {
                 .unwrap();
                 let a = Rle::encode_row_major(&ours, h, w);
                 let b = Rle::from_compressed_string(r.as_str().unwrap(), h, w).unwrap();
-                let iou = cnx_eval::mask::iou(std::slice::from_ref(&a), std::slice::from_ref(&b), &[false])[0];
+                let iou = cnx_eval::mask::iou(
+                    std::slice::from_ref(&a),
+                    std::slice::from_ref(&b),
+                    &[false],
+                )[0];
                 let iou = if a.area() == 0 && b.area() == 0 {
                     1.0
                 } else {
