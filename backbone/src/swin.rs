@@ -774,7 +774,11 @@ mod train_tests {
         };
         let m = SwinTransformer::new(&vs.root(), &cfg);
         let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, tch::Device::Cpu));
-        let loss = m.forward_features(&x, true).iter().map(|f| f.square().mean(Kind::Float)).sum::<Tensor>();
+        let loss = m
+            .forward_features(&x, true)
+            .iter()
+            .map(|f| f.square().mean(Kind::Float))
+            .sum::<Tensor>();
         loss.backward();
         let vars = vs.variables();
         assert!(!vars["patch_embed.proj.weight"].requires_grad());

@@ -9,9 +9,7 @@ use crate::assigner::{MaxIoUAssigner, RandomSampler, SamplingResult};
 use crate::bbox_head::{self, BoxHead, RcnnTestCfg};
 use crate::boxes::bbox2roi;
 use crate::coder::DeltaXYWHCoder;
-use crate::detector::{
-    mask_targets, DetectorConfig, Detections, GtInstances, ImgMeta, Losses,
-};
+use crate::detector::{mask_targets, Detections, DetectorConfig, GtInstances, ImgMeta, Losses};
 use crate::fpn::Fpn;
 use crate::mask_head::{self, FcnMaskHead};
 use crate::roi_extractor::RoiExtractor;
@@ -418,11 +416,9 @@ impl CascadeDetector {
                     let cls = cls.detach().to_kind(Kind::Float);
                     let reg = reg.detach().to_kind(Kind::Float);
                     let fg = cls.slice(1, 0, k, 1).argmax(1, false);
-                    let labels = t.labels.eq(k).where_self(&fg, &t.labels).detach();
-                    let counts: Vec<i64> = samples
-                        .iter()
-                        .map(|s| s.num_pos() + s.num_neg())
-                        .collect();
+                    let labels = fg.where_self(&t.labels.eq(k), &t.labels);
+                    let counts: Vec<i64> =
+                        samples.iter().map(|s| s.num_pos() + s.num_neg()).collect();
                     let rois_s = rois.split_with_sizes(&counts, 0);
                     let lab_s = labels.split_with_sizes(&counts, 0);
                     let reg_s = reg.split_with_sizes(&counts, 0);
@@ -632,13 +628,7 @@ impl CascadeDetector {
                     let p = p.gather(1, &idx, false).squeeze_dim(1);
                     let sf = Tensor::from_slice(&sf4(&metas[i])).to_device(p.device());
                     let b = &scaled[i] / sf;
-                    masks[i] = Some(mask_head::paste_masks(
-                        &p,
-                        &b,
-                        oh,
-                        ow,
-                        test.mask_thr_binary,
-                    ));
+                    masks[i] = Some(mask_head::paste_masks(&p, &b, oh, ow, test.mask_thr_binary));
                 }
             } else {
                 for (i, m) in metas.iter().enumerate() {
