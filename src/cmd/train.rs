@@ -71,6 +71,8 @@ pub fn train_config(
     }
     // Model config errors and missing data come before any work.
     tasks::check_model(cfg)?;
+    // Model initialisation draws from libtorch's generator: seed it so a run is repeatable.
+    tch::manual_seed(cfg.runtime.seed as i64);
     let mut task = tasks::build(cfg, device)?;
     let summary = trainer::train(cfg, task.as_train(), device, opts)?;
     Ok((summary, task))
