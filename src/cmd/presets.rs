@@ -51,7 +51,10 @@ pub fn table() -> String {
                 "{} ep, steps {:?}",
                 c.runtime.max_epochs, c.schedule.step_epochs
             ),
-            Policy::Poly => format!("{}k it, poly", c.runtime.max_iters / 1000),
+            Policy::Poly if c.runtime.max_iters >= 1000 => {
+                format!("{}k it, poly", c.runtime.max_iters / 1000)
+            }
+            Policy::Poly => format!("{} it, poly", c.runtime.max_iters),
             Policy::Fixed => "fixed".into(),
         };
         let decay = format!("{} {:?}", c.optimizer.decay_rate, c.optimizer.decay_type)

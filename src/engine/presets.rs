@@ -464,13 +464,13 @@ fn demo_det() -> Config {
         policy: Policy::Step,
         warmup_iters: 50,
         warmup_ratio: 0.001,
-        step_epochs: vec![9, 11],
+        step_epochs: vec![11, 13],
         gamma: 0.1,
         power: 1.0,
         min_lr: 0.0,
     };
     // 240 training images / batch 4 = 60 iterations per epoch.
-    c.runtime.max_epochs = 12;
+    c.runtime.max_epochs = 14;
     c.runtime.checkpoint_interval = 300;
     c.runtime.eval_interval = 150;
     c.runtime.log_interval = 20;
