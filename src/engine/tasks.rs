@@ -342,11 +342,7 @@ impl TrainTask for DetTask {
             (batch.epoch as u64, batch.iter as u64 + 1)
         };
         let losses = self.model.losses(&batch, self.device);
-        Ok(losses
-            .0
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("loss"))
-            .collect())
+        Ok(losses.0.into_iter().filter_map(loss_term).collect())
     }
     fn evaluate(&mut self, out_dir: &Path) -> Result<BTreeMap<String, f64>> {
         let mut results = vec![];
@@ -700,5 +696,31 @@ impl DemoTask for SegTask {
     }
     fn as_train(&mut self) -> &mut dyn TrainTask {
         self
+    }
+}
+
+/// Keep only the loss terms of a detector's output (not `acc`), naming Cascade's per-stage terms
+/// (`s0.loss_cls`) `loss_cls_s0` so the trainer's `loss*` logging and summing sees every stage.
+fn loss_term((name, t): (String, Tensor)) -> Option<(String, Tensor)> {
+    match name.split_once('.') {
+        Some((stage, term)) if term.starts_with("loss") => Some((format!("{term}_{stage}"), t)),
+        None if name.starts_with("loss") => Some((name, t)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod loss_term_tests {
+    use super::*;
+
+    #[test]
+    fn cascade_stage_losses_are_kept_and_acc_dropped() {
+        let t = || Tensor::from(1.0f32);
+        let names: Vec<String> = ["loss_rpn_cls", "acc", "s1.loss_bbox", "s2.acc"]
+            .into_iter()
+            .filter_map(|n| loss_term((n.to_string(), t())))
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["loss_rpn_cls", "loss_bbox_s1"]);
     }
 }
