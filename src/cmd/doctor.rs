@@ -42,9 +42,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("cnx          {}", report.cnx);
     println!("libtorch     {}", report.torch_build);
     println!("cpu threads  {}", report.cpu_threads);
-    println!("cuda         {}", if cuda { "available" } else { "not available" });
+    println!(
+        "cuda         {}",
+        if cuda { "available" } else { "not available" }
+    );
     if cuda {
-        println!("cudnn        {}", if report.cudnn_available { "available" } else { "not available" });
+        println!(
+            "cudnn        {}",
+            if report.cudnn_available {
+                "available"
+            } else {
+                "not available"
+            }
+        );
     }
     for (i, d) in report.devices.iter().enumerate() {
         println!("cuda:{i}       {d}");
@@ -76,6 +86,8 @@ fn device_name(index: i32) -> String {
         if init(0) != 0 || get(&mut dev, index) != 0 || name(buf.as_mut_ptr(), 256, dev) != 0 {
             return fallback();
         }
-        std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
+        std::ffi::CStr::from_ptr(buf.as_ptr())
+            .to_string_lossy()
+            .into_owned()
     }
 }
