@@ -1,5 +1,5 @@
 //! `cnx predict --preset P --weights W --out-dir DIR IMAGE...`: run a detector (Mask R-CNN
-//! presets) on image files, writing one annotated PNG per image (boxes, class names, scores,
+//! and Cascade Mask R-CNN presets) on image files, writing one annotated PNG per image (boxes, class names, scores,
 //! translucent masks) and one `predictions.json` in COCO results format (original category ids,
 //! plus each image's `file_name`). Segmentation presets (`upernet_*`) go to `cmd::seg`.
 //! An unreadable image is reported by name and counted; the others still run.
@@ -8,9 +8,10 @@ use anyhow::{bail, Context, Result};
 use cnx_datasets::draw;
 use cnx_datasets::image_io;
 use cnx_datasets::pipeline::{normalize_into, pad_up, TestPipeline};
+use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
 use cnx_heads::coco_classes::{COCO_CAT_IDS, COCO_CLASSES};
 use cnx_heads::results::{to_coco, CocoResult};
-use cnx_heads::{Detector, DetectorConfig, ImgMeta};
+use cnx_heads::{Detections, Detector, DetectorConfig, ImgMeta};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
@@ -104,16 +105,48 @@ fn bench(args: &Args, device: Device, iters: usize) -> Result<()> {
     Ok(())
 }
 
-/// Build the detector of `preset` on `device` and load `weights`.
+/// Either detector the COCO presets name: the two share inputs and outputs at test time.
+pub enum AnyDetector {
+    MaskRcnn(Box<Detector>),
+    Cascade(Box<CascadeDetector>),
+}
+
+impl AnyDetector {
+    pub fn predict(&self, images: &Tensor, metas: &[ImgMeta]) -> Vec<Detections> {
+        match self {
+            Self::MaskRcnn(d) => d.predict(images, metas),
+            Self::Cascade(d) => d.predict(images, metas),
+        }
+    }
+
+    pub fn predict_batch(&self, batch: &cnx_datasets::DetBatch, device: Device) -> Vec<Detections> {
+        match self {
+            Self::MaskRcnn(d) => d.predict_batch(batch, device),
+            Self::Cascade(d) => d.predict_batch(batch, device),
+        }
+    }
+}
+
+/// Build the detector of `preset` (Mask R-CNN or Cascade Mask R-CNN) on `device` and load
+/// `weights`.
 pub fn load_detector(
     preset: &str,
     weights: &Path,
     drop_class_layers: bool,
     device: Device,
-) -> Result<(VarStore, Detector)> {
-    let cfg = DetectorConfig::preset(preset)?;
+) -> Result<(VarStore, AnyDetector)> {
     let mut vs = VarStore::new(device);
-    let det = Detector::new(&vs.root(), &cfg);
+    let det = if preset.starts_with("cascade_") {
+        AnyDetector::Cascade(Box::new(CascadeDetector::new(
+            &vs.root(),
+            &CascadeConfig::preset(preset)?,
+        )))
+    } else {
+        AnyDetector::MaskRcnn(Box::new(Detector::new(
+            &vs.root(),
+            &DetectorConfig::preset(preset)?,
+        )))
+    };
     let report = cnx_heads::weights::load_checkpoint(&mut vs, weights, drop_class_layers)
         .with_context(|| format!("loading {}", weights.display()))?;
     eprintln!("{}: {}", weights.display(), report.summary());

@@ -48,6 +48,9 @@ pub struct Args {
     /// Segmentors: ADE20K root (ADEChallengeData2016 layout).
     #[arg(long)]
     pub ade_root: Option<PathBuf>,
+    /// Segmentors: also write each prediction as an 8-bit label PNG here (`cnx eval seg` input).
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -66,7 +69,7 @@ pub fn run(args: Args) -> Result<()> {
             ade_root,
             mode,
             aug_test: args.aug_test,
-            out_dir: None,
+            out_dir: args.out_dir.clone(),
             device,
         };
         crate::cmd::seg::test_with(&o)?;
