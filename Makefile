@@ -46,8 +46,13 @@ lint: setup
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 # Python reference tools (timm, torchvision, pycocotools, cv2, mmdet...) for fixtures and benchmarks.
-$(REF_STAMP): $(TORCH_STAMP) tools/reference/requirements.txt
+# mmcv 1.7 builds from source: its setup.py needs setuptools' pkg_resources in the build env, so
+# it is built without isolation, and without its C++/CUDA ops (the reference scripts shim them).
+$(REF_STAMP): $(TORCH_STAMP) tools/reference/requirements.txt tools/reference/requirements-mm.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r tools/reference/requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q "setuptools<81" wheel
+	MMCV_WITH_OPS=0 $(PY) -m pip install --disable-pip-version-check -q --no-build-isolation \
+	  -r tools/reference/requirements-mm.txt
 	@touch $@
 
 reference: $(REF_STAMP)

@@ -162,6 +162,10 @@ pub struct ComparisonPreset {
     /// "mask_rcnn", "cascade_mask_rcnn" or "upernet".
     pub arch: &'static str,
     pub backbone: BackboneConfig,
+    /// [`BackboneConfig::by_name`] name of `backbone` (`swin_tiny`, `resnet50`, ...).
+    pub backbone_name: &'static str,
+    /// Stochastic-depth rate of the recipe (0 for ResNe(X)ts).
+    pub drop_path: f64,
     /// ImageNet-22K pre-training (‡ rows).
     pub in22k: bool,
     pub lr: f64,
@@ -184,15 +188,18 @@ pub struct ComparisonPreset {
 /// them), lr 6e-5 / weight decay 0.01 for UperNet (mmseg Swin configs), no decay on norms and the
 /// relative position bias table ([`no_weight_decay`]).
 pub fn comparison_presets() -> Vec<ComparisonPreset> {
-    let bb = |n: &str, dpr: f64| {
+    let bb = |n: &'static str, dpr: f64| (n, dpr);
+    let build = |(n, dpr): (&'static str, f64)| {
         BackboneConfig::by_name(n)
             .expect("known backbone")
             .with_drop_path(dpr)
     };
-    let det = |name, arch, b: BackboneConfig, in22k, p: Option<f64>, g, fps, ap| ComparisonPreset {
+    let det = |name, arch, b: (&'static str, f64), in22k, p: Option<f64>, g, fps, ap| ComparisonPreset {
         name,
         arch,
-        backbone: b,
+        backbone: build(b),
+        backbone_name: b.0,
+        drop_path: b.1,
         in22k,
         lr: 1e-4,
         weight_decay: 0.05,
@@ -204,10 +211,12 @@ pub fn comparison_presets() -> Vec<ComparisonPreset> {
         paper_fps: Some(fps),
         paper_metric: ap,
     };
-    let seg = |name, b: BackboneConfig, crop, in22k, p, g, miou| ComparisonPreset {
+    let seg = |name, b: (&'static str, f64), crop, in22k, p, g, miou| ComparisonPreset {
         name,
         arch: "upernet",
-        backbone: b,
+        backbone: build(b),
+        backbone_name: b.0,
+        drop_path: b.1,
         in22k,
         lr: 6e-5,
         weight_decay: 0.01,
@@ -357,6 +366,11 @@ pub fn comparison_presets() -> Vec<ComparisonPreset> {
             53.5,
         ),
     ]
+}
+
+/// The comparison row called `name`, if there is one.
+pub fn comparison_preset(name: &str) -> Option<ComparisonPreset> {
+    comparison_presets().into_iter().find(|p| p.name == name)
 }
 
 /// Classifier models this module can count: Swin-T/S/B/L (`swin_tiny` ...), ResNet-50/101 and

@@ -9,14 +9,15 @@ use crate::assigner::{MaxIoUAssigner, RandomSampler, SamplingResult};
 use crate::bbox_head::{self, BoxHead, RcnnTestCfg};
 use crate::boxes::bbox2roi;
 use crate::coder::DeltaXYWHCoder;
-use crate::detector::{mask_targets, Detections, DetectorConfig, GtInstances, ImgMeta, Losses};
+use crate::detector::{
+    mask_targets, BackboneCfg, Detections, DetectorConfig, GtInstances, ImgMeta, Losses,
+};
 use crate::fpn::Fpn;
 use crate::mask_head::{self, FcnMaskHead};
 use crate::roi_extractor::RoiExtractor;
 use crate::rpn::{ProposalCfg, RpnHead};
 use crate::upernet::ConvModule;
 use crate::HeadsError;
-use cnx_backbone::convnext::{ConvNeXt, ConvNeXtConfig};
 use cnx_backbone::dense::DenseBackbone;
 use cnx_backbone::nn::Linear;
 use serde::{Deserialize, Serialize};
@@ -150,13 +151,21 @@ pub struct CascadeConfig {
 }
 
 /// Preset names [`CascadeConfig::preset`] knows.
-pub const PRESETS: [&str; 6] = [
+pub const PRESETS: [&str; 14] = [
     "cascade_mask_rcnn_convnext_tiny_3x",
     "cascade_mask_rcnn_convnext_small_3x",
     "cascade_mask_rcnn_convnext_base_3x",
     "cascade_mask_rcnn_convnext_base_3x_in22k",
     "cascade_mask_rcnn_convnext_large_3x_in22k",
     "cascade_mask_rcnn_convnext_xlarge_3x_in22k",
+    "cascade_mask_rcnn_r50_3x",
+    "cascade_mask_rcnn_x101_32x4d_3x",
+    "cascade_mask_rcnn_x101_64x4d_3x",
+    "cascade_mask_rcnn_swin_tiny_3x",
+    "cascade_mask_rcnn_swin_small_3x",
+    "cascade_mask_rcnn_swin_base_3x",
+    "cascade_mask_rcnn_swin_base_3x_in22k",
+    "cascade_mask_rcnn_swin_large_3x_in22k",
 ];
 
 impl CascadeConfig {
@@ -193,28 +202,24 @@ impl CascadeConfig {
             "cascade_mask_rcnn_convnext_large_3x_in22k" => ("large", 0.7),
             "cascade_mask_rcnn_convnext_xlarge_3x_in22k" => ("xlarge", 0.8),
             _ => {
-                return Err(HeadsError::Config(format!(
-                    "unknown cascade preset '{name}'; known: {}",
-                    PRESETS.join(", ")
-                )))
+                return match cnx_backbone::config::comparison_preset(name) {
+                    Some(p) if p.arch == "cascade_mask_rcnn" => {
+                        let mut c = Self::cascade_mask_rcnn_convnext("tiny")?;
+                        c.base.name = name.to_string();
+                        c.base.backbone = BackboneCfg::named(p.backbone_name, p.drop_path)?;
+                        Ok(c)
+                    }
+                    _ => Err(HeadsError::Config(format!(
+                        "unknown cascade preset '{name}'; known: {}",
+                        PRESETS.join(", ")
+                    ))),
+                }
             }
         };
         let mut c = Self::cascade_mask_rcnn_convnext(variant)?;
         c.base.name = name.to_string();
         c.base.backbone.drop_path_rate = dpr;
         Ok(c)
-    }
-
-    fn convnext(&self) -> ConvNeXtConfig {
-        let b = &self.base.backbone;
-        ConvNeXtConfig {
-            depths: b.depths.clone(),
-            dims: b.dims.clone(),
-            ..ConvNeXtConfig::tiny()
-        }
-        .with_drop_path(b.drop_path_rate)
-        .with_layer_scale(b.layer_scale_init_value)
-        .dense(&[0, 1, 2, 3])
     }
 }
 
@@ -260,7 +265,7 @@ impl CascadeDetector {
     /// `roi_head.mask_head.{i}.`.
     pub fn new(root: &Path, config: &CascadeConfig) -> Self {
         let cfg = config.clone();
-        let backbone = ConvNeXt::new(root / "backbone", &cfg.convnext());
+        let backbone = cfg.base.backbone.build(&(root / "backbone"));
         let chans = backbone.out_channels();
         let b = &cfg.base;
         let c = b.neck.out_channels;
@@ -304,7 +309,7 @@ impl CascadeDetector {
         mask_extractor.finest_scale = r.finest_scale;
         Self {
             config: cfg,
-            backbone: Box::new(backbone),
+            backbone,
             neck,
             rpn,
             bbox_extractor,

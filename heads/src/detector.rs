@@ -13,20 +13,66 @@ use crate::mask_head::{self, FcnMaskHead};
 use crate::roi_extractor::RoiExtractor;
 use crate::rpn::{ProposalCfg, RpnHead};
 use crate::HeadsError;
-use cnx_backbone::convnext::{ConvNeXt, ConvNeXtConfig};
+use cnx_backbone::config::BackboneConfig;
+use cnx_backbone::convnext::ConvNeXtConfig;
 use cnx_backbone::dense::DenseBackbone;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tch::nn::Path;
 use tch::{Device, Kind, Tensor};
 
-/// Backbone settings (the dense ConvNeXt).
+/// Backbone settings: a dense ConvNeXt from `depths` / `dims`, or, when `name` is set, one of
+/// the comparison backbones (`swin_tiny`, `resnet50`, `resnext101_32x4d`, ... see
+/// [`cnx_backbone::config::BACKBONES`]) with its family's detection defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackboneCfg {
     pub depths: Vec<i64>,
     pub dims: Vec<i64>,
     pub drop_path_rate: f64,
     pub layer_scale_init_value: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl BackboneCfg {
+    /// The backbone to build (ConvNeXt returns all four stages through `norm{i}`).
+    pub fn dense(&self) -> Result<BackboneConfig, HeadsError> {
+        match &self.name {
+            Some(n) if !n.starts_with("convnext") => Ok(BackboneConfig::by_name(n)
+                .map_err(|e| HeadsError::Config(e.to_string()))?
+                .with_drop_path(self.drop_path_rate)),
+            _ => Ok(BackboneConfig::ConvNeXt(
+                ConvNeXtConfig {
+                    depths: self.depths.clone(),
+                    dims: self.dims.clone(),
+                    ..ConvNeXtConfig::tiny()
+                }
+                .with_drop_path(self.drop_path_rate)
+                .with_layer_scale(self.layer_scale_init_value)
+                .dense(&[0, 1, 2, 3]),
+            )),
+        }
+    }
+
+    /// Build it under `p` with its family's initialisation. Panics on an unknown `name`; configs
+    /// are checked by [`BackboneCfg::dense`] before a model is built.
+    pub fn build(&self, p: &Path) -> Box<dyn DenseBackbone> {
+        let cfg = self.dense().unwrap_or_else(|e| panic!("{e}"));
+        cnx_backbone::config::build(p, &cfg)
+    }
+
+    /// A comparison backbone (`swin_tiny`, `resnet50`, ...) with stochastic depth `drop_path`.
+    pub fn named(name: &str, drop_path: f64) -> Result<Self, HeadsError> {
+        let cfg = BackboneConfig::by_name(name).map_err(|e| HeadsError::Config(e.to_string()))?;
+        let dims = cfg.out_channels();
+        Ok(Self {
+            depths: vec![],
+            dims,
+            drop_path_rate: drop_path,
+            layer_scale_init_value: 0.0,
+            name: Some(name.to_string()),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,7 +118,7 @@ pub struct DetectorConfig {
 }
 
 /// Preset names [`DetectorConfig::preset`] knows.
-pub const PRESETS: [&str; 1] = ["mask_rcnn_convnext_tiny_3x"];
+pub const PRESETS: [&str; 2] = ["mask_rcnn_convnext_tiny_3x", "mask_rcnn_swin_tiny_3x"];
 
 impl DetectorConfig {
     /// The paper's Mask R-CNN with a ConvNeXt variant (`tiny`, `small`, `base`, ...), 80 classes.
@@ -88,6 +134,7 @@ impl DetectorConfig {
                 dims: c.dims,
                 drop_path_rate: 0.4,
                 layer_scale_init_value: 1.0,
+                name: None,
             },
             neck: NeckCfg {
                 out_channels: 256,
@@ -118,7 +165,8 @@ impl DetectorConfig {
         })
     }
 
-    /// Look up a named preset (`mask_rcnn_convnext_tiny_3x`).
+    /// Look up a named preset (`mask_rcnn_convnext_tiny_3x`, or the comparison row
+    /// `mask_rcnn_swin_tiny_3x`).
     pub fn preset(name: &str) -> Result<Self, HeadsError> {
         match name {
             "mask_rcnn_convnext_tiny_3x" => {
@@ -126,22 +174,19 @@ impl DetectorConfig {
                 c.name = name.to_string();
                 Ok(c)
             }
-            _ => Err(HeadsError::Config(format!(
-                "unknown detector preset '{name}'; known: {}",
-                PRESETS.join(", ")
-            ))),
+            _ => match cnx_backbone::config::comparison_preset(name) {
+                Some(p) if p.arch == "mask_rcnn" => {
+                    let mut c = Self::mask_rcnn_convnext("tiny")?;
+                    c.name = name.to_string();
+                    c.backbone = BackboneCfg::named(p.backbone_name, p.drop_path)?;
+                    Ok(c)
+                }
+                _ => Err(HeadsError::Config(format!(
+                    "unknown detector preset '{name}'; known: {}",
+                    PRESETS.join(", ")
+                ))),
+            },
         }
-    }
-
-    fn convnext(&self) -> ConvNeXtConfig {
-        ConvNeXtConfig {
-            depths: self.backbone.depths.clone(),
-            dims: self.backbone.dims.clone(),
-            ..ConvNeXtConfig::tiny()
-        }
-        .with_drop_path(self.backbone.drop_path_rate)
-        .with_layer_scale(self.backbone.layer_scale_init_value)
-        .dense(&[0, 1, 2, 3])
     }
 }
 
@@ -255,7 +300,7 @@ impl Detector {
     /// The backbone gets the official ConvNeXt init; heads keep tch's default init (random).
     pub fn new(root: &Path, config: &DetectorConfig) -> Self {
         let cfg = config.clone();
-        let backbone = ConvNeXt::new(root / "backbone", &cfg.convnext());
+        let backbone = cfg.backbone.build(&(root / "backbone"));
         let chans = backbone.out_channels();
         let c = cfg.neck.out_channels;
         let neck = Fpn::new(&(root / "neck"), &chans, c, cfg.neck.num_outs);
@@ -285,7 +330,7 @@ impl Detector {
         mask_extractor.finest_scale = r.finest_scale;
         Self {
             config: cfg,
-            backbone: Box::new(backbone),
+            backbone,
             neck,
             rpn,
             bbox_extractor,

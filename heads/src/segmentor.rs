@@ -4,6 +4,7 @@
 //! image size.
 
 use crate::upernet::{resize_bilinear, seg_accuracy, seg_cross_entropy, FcnHead, UperHead};
+use cnx_backbone::config::BackboneConfig;
 use cnx_backbone::convnext::{ConvNeXt, ConvNeXtConfig};
 use cnx_backbone::dense::DenseBackbone;
 use cnx_datasets::image_io::{self, Image8};
@@ -22,17 +23,24 @@ pub enum SegError {
     Config(String),
 }
 
-/// The paper's ADE20K UperNet presets.
-pub const PRESETS: [&str; 6] = [
+/// The paper's ADE20K UperNet presets (ConvNeXt rows, then the Swin comparison rows).
+pub const PRESETS: [&str; 11] = [
     "upernet_convnext_tiny_512_160k",
     "upernet_convnext_small_512_160k",
     "upernet_convnext_base_512_160k",
     "upernet_convnext_base_640_160k_in22k",
     "upernet_convnext_large_640_160k_in22k",
     "upernet_convnext_xlarge_640_160k_in22k",
+    "upernet_swin_tiny_512_160k",
+    "upernet_swin_small_512_160k",
+    "upernet_swin_base_512_160k",
+    "upernet_swin_base_640_160k_in22k",
+    "upernet_swin_large_640_160k_in22k",
 ];
 
-/// The dense ConvNeXt backbone of a segmentor (serialisable mirror of [`ConvNeXtConfig`]).
+/// The dense backbone of a segmentor: a ConvNeXt (serialisable mirror of [`ConvNeXtConfig`]),
+/// or, when `name` is set, a comparison backbone (`swin_tiny`, `resnet50`, ... see
+/// [`cnx_backbone::config::BACKBONES`]) returning all four stages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackboneSpec {
     pub depths: Vec<i64>,
@@ -40,9 +48,36 @@ pub struct BackboneSpec {
     pub drop_path_rate: f64,
     pub layer_scale_init_value: f64,
     pub out_indices: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl BackboneSpec {
+    /// The named (non-ConvNeXt) backbone, if this spec is one.
+    pub fn named(&self) -> Result<Option<BackboneConfig>, SegError> {
+        match &self.name {
+            Some(n) if !n.starts_with("convnext") => Ok(Some(
+                BackboneConfig::by_name(n)
+                    .map_err(|e| SegError::Config(e.to_string()))?
+                    .with_drop_path(self.drop_path_rate),
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    /// A comparison backbone with all four outputs and stochastic depth `drop_path`.
+    pub fn from_name(name: &str, drop_path: f64) -> Result<Self, SegError> {
+        let cfg = BackboneConfig::by_name(name).map_err(|e| SegError::Config(e.to_string()))?;
+        Ok(Self {
+            depths: vec![],
+            dims: cfg.out_channels(),
+            drop_path_rate: drop_path,
+            layer_scale_init_value: 0.0,
+            out_indices: vec![0, 1, 2, 3],
+            name: Some(name.to_string()),
+        })
+    }
+
     pub fn to_convnext(&self) -> ConvNeXtConfig {
         ConvNeXtConfig {
             depths: self.depths.clone(),
@@ -165,6 +200,7 @@ impl SegmentorConfig {
                 drop_path_rate,
                 layer_scale_init_value: 1.0,
                 out_indices: vec![0, 1, 2, 3],
+                name: None,
             },
             decode_head: DecodeHeadSpec {
                 channels: 512,
@@ -211,8 +247,24 @@ impl SegmentorConfig {
         self
     }
 
-    /// One of [`PRESETS`].
+    /// One of [`PRESETS`], or a comparison row (`upernet_swin_tiny_512_160k`, ...: the Swin
+    /// repo's recipe, AdamW lr 6e-5 / weight decay 0.01, no layer decay).
     pub fn preset(name: &str) -> Result<Self, SegError> {
+        if let Some(p) = cnx_backbone::config::comparison_preset(name) {
+            if p.arch != "upernet" {
+                return Err(SegError::UnknownPreset(name.into()));
+            }
+            let mut cfg = Self::upernet_convnext("tiny")?;
+            if p.crop == 640 {
+                cfg = cfg.into_640();
+            }
+            cfg.name = name.to_string();
+            cfg.backbone = BackboneSpec::from_name(p.backbone_name, p.drop_path)?;
+            cfg.lr = p.lr;
+            cfg.weight_decay = p.weight_decay;
+            cfg.layer_decay_rate = 1.0;
+            return Ok(cfg);
+        }
         let rest = name
             .strip_prefix("upernet_convnext_")
             .ok_or_else(|| SegError::UnknownPreset(name.into()))?;
@@ -231,7 +283,15 @@ impl SegmentorConfig {
 
     pub fn validate(&self) -> Result<(), SegError> {
         let b = &self.backbone;
-        if b.depths.len() != 4 || b.dims.len() != 4 {
+        if let Some(named) = b.named()? {
+            if b.out_indices != [0, 1, 2, 3] || b.dims != named.out_channels() {
+                return Err(SegError::Config(format!(
+                    "backbone {}: out_indices must be [0, 1, 2, 3] and dims {:?}",
+                    b.name.as_deref().unwrap_or(""),
+                    named.out_channels()
+                )));
+            }
+        } else if b.depths.len() != 4 || b.dims.len() != 4 {
             return Err(SegError::Config(
                 "ConvNeXt needs four depths and four dims".into(),
             ));
@@ -292,7 +352,7 @@ impl SegLosses {
 #[derive(Debug)]
 pub struct Segmentor {
     pub cfg: SegmentorConfig,
-    pub backbone: ConvNeXt,
+    pub backbone: Box<dyn DenseBackbone>,
     pub decode_head: UperHead,
     pub auxiliary_head: Option<FcnHead>,
 }
@@ -312,12 +372,11 @@ impl Segmentor {
 
     fn build(root: &nn::Path, cfg: &SegmentorConfig, init: bool) -> Result<Self, SegError> {
         cfg.validate()?;
-        let bcfg = cfg.backbone.to_convnext();
         let bp = root / "backbone";
-        let backbone = if init {
-            ConvNeXt::new(&bp, &bcfg)
-        } else {
-            ConvNeXt::new_uninit(&bp, &bcfg)
+        let backbone: Box<dyn DenseBackbone> = match cfg.backbone.named()? {
+            Some(named) => cnx_backbone::config::build(&bp, &named),
+            None if init => Box::new(ConvNeXt::new(&bp, &cfg.backbone.to_convnext())),
+            None => Box::new(ConvNeXt::new_uninit(&bp, &cfg.backbone.to_convnext())),
         };
         let in_ch = cfg.backbone.out_channels();
         let d = &cfg.decode_head;

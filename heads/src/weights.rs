@@ -5,6 +5,7 @@
 
 use crate::HeadsError;
 use cnx_backbone::checkpoint::{load_into, read_state_dict, LoadOptions, LoadReport, StateDict};
+use cnx_backbone::config::{convert_state_dict, BackboneConfig};
 use std::path::Path;
 use tch::nn::VarStore;
 
@@ -45,6 +46,46 @@ pub fn load_checkpoint(
     load_state_dict(vs, &sd, drop_class_layers)
 }
 
+/// [`load_checkpoint`] for a model whose backbone is `backbone`: Swin and ResNet weights are
+/// first mapped to the names this crate builds ([`convert_backbone_keys`]), whether the file is
+/// a whole detector (`backbone.*` keys) or an ImageNet classifier. ConvNeXt files load as they are.
+pub fn load_checkpoint_for(
+    vs: &mut VarStore,
+    path: impl AsRef<Path>,
+    drop_class_layers: bool,
+    backbone: &BackboneConfig,
+) -> Result<LoadReport, HeadsError> {
+    let sd = read_state_dict(path)?;
+    load_state_dict(vs, &convert_backbone_keys(&sd, backbone), drop_class_layers)
+}
+
+/// Map a checkpoint's backbone tensors to the names [`cnx_backbone::config::build`] creates for
+/// `backbone` ([`cnx_backbone::config::convert_state_dict`]: timm, official and mmdet Swin
+/// layouts; torchvision ResNets). In a whole-model file (`backbone.*`, `neck.*`, ...) only the
+/// `backbone.` part is mapped; a classifier file is mapped whole and stays unprefixed. ConvNeXt
+/// state dicts are returned as they are.
+pub fn convert_backbone_keys(sd: &StateDict, backbone: &BackboneConfig) -> StateDict {
+    let whole = kind_of(sd) == CheckpointKind::Detector;
+    let mut out = StateDict::new();
+    if matches!(backbone, BackboneConfig::ConvNeXt(_)) {
+        for (k, t) in sd.iter() {
+            out.insert(k.clone(), t.shallow_clone());
+        }
+        return out;
+    }
+    let (bb, rest): (Vec<_>, Vec<_>) = sd
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .partition(|(k, _)| !whole || k.starts_with("backbone."));
+    let prefix = if whole { "backbone." } else { "" };
+    for (k, t) in convert_state_dict(backbone, bb) {
+        out.insert(format!("{prefix}{k}"), t);
+    }
+    for (k, t) in rest {
+        out.insert(k, t);
+    }
+    out
+}
 /// Detector checkpoints load strictly (with `drop_class_layers`, the class-specific layers are
 /// left out and keep their initialisation); backbone checkpoints load into `backbone.` as
 /// mmdet's `init_cfg=Pretrained` does.

@@ -7,19 +7,20 @@
 //! `report.md`, `report.json` and `report.png` (FPS, or the paper's accuracy without `--fps`,
 //! against FLOPs).
 //!
-//! Models with a Swin or ResNet backbone are assembled from the heads crate's ConvNeXt-built
-//! detector / segmentor whose backbone is replaced by ours: the heads are built for our output
-//! channels (a one-block ConvNeXt stub with those widths), the stub's parameters are subtracted
-//! and its forward is never run. `--weights` files are loaded into the assembled model
-//! (mmdet/mmseg names; Swin keys mapped by `cnx_backbone::config::convert_state_dict`).
+//! Every row is the heads crate's model for that preset (Swin / ResNet backbones through the
+//! presets' backbone configs). With `--weights PRESET=FILE` and a dataset, the row's accuracy is
+//! measured the way `cnx test` does it: COCO box AP (as pycocotools) or ADE20K mIoU with the
+//! multi-scale + flip test the paper's Table 4 reports.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::ValueEnum;
-use cnx_backbone::config::{self as bbcfg, BackboneConfig};
-use cnx_backbone::dense::DenseBackbone;
+use crate::cmd::predict::AnyDetector;
+use cnx_backbone::config as bbcfg;
 use cnx_backbone::{flops, nn as cnn};
+use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
 use cnx_heads::detector::{Detector, DetectorConfig};
 use cnx_heads::segmentor::{Segmentor, SegmentorConfig};
+use cnx_eval::coco::IouType;
 use plotters::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -90,8 +91,6 @@ pub struct PaperRow {
 pub struct RowSpec {
     pub name: String,
     pub arch: &'static str,
-    /// `None`: the ConvNeXt model from the heads crate's own preset.
-    pub backbone: Option<BackboneConfig>,
     pub input: (i64, i64),
     pub paper: PaperRow,
 }
@@ -233,7 +232,6 @@ pub fn row_spec(name: &str) -> Result<RowSpec> {
             name: name.to_string(),
             arch: p.arch,
             input: table_input(p.arch, p.crop),
-            backbone: Some(p.backbone),
             paper: PaperRow {
                 params_m: p.paper_params_m,
                 gflops: p.paper_gflops,
@@ -248,7 +246,6 @@ pub fn row_spec(name: &str) -> Result<RowSpec> {
         return Ok(RowSpec {
             name: name.to_string(),
             arch,
-            backbone: None,
             input: table_input(arch, crop),
             paper: PaperRow {
                 params_m: Some(r.2),
@@ -264,129 +261,55 @@ pub fn row_spec(name: &str) -> Result<RowSpec> {
     )
 }
 
-/// A built model ready to count and time.
+/// A built model ready to count and time: the heads crate's own model for the preset (Swin and
+/// ResNet backbones are built by the presets' backbone configs, not swapped in).
 pub enum Built {
-    Det {
-        det: Box<Detector>,
-        _vs: Vec<VarStore>,
-        params: i64,
-    },
-    Seg {
-        seg: Box<Segmentor>,
-        backbone: Option<Box<dyn DenseBackbone>>,
-        _vs: Vec<VarStore>,
-        params: i64,
-    },
-}
-
-fn prefix_params(vs: &VarStore, prefix: &str) -> i64 {
-    vs.variables()
-        .iter()
-        .filter(|(n, _)| n.starts_with(prefix) && !cnn::is_buffer_name(n))
-        .map(|(_, t)| t.numel() as i64)
-        .sum()
+    Det { det: AnyDetector, vs: VarStore },
+    Seg { seg: Box<Segmentor>, vs: VarStore },
 }
 
 /// Build the row's whole model on `device` (random weights unless loaded afterwards).
 pub fn build(spec: &RowSpec, device: Device) -> Result<Built> {
-    match (spec.arch, &spec.backbone) {
-        ("cascade_mask_rcnn", _) => {
-            bail!("{}: Cascade Mask R-CNN is not in cnx-heads yet", spec.name)
-        }
-        ("mask_rcnn", None) => {
-            let vs = VarStore::new(device);
+    let vs = VarStore::new(device);
+    Ok(match spec.arch {
+        "mask_rcnn" => {
             let det = Detector::new(&vs.root(), &DetectorConfig::preset(&spec.name)?);
-            let params = cnn::param_count(&vs);
-            Ok(Built::Det {
-                det: Box::new(det),
-                _vs: vec![vs],
-                params,
-            })
-        }
-        ("mask_rcnn", Some(bb)) => {
-            let mut dc = DetectorConfig::mask_rcnn_convnext("tiny")?;
-            dc.backbone.dims = bb.out_channels();
-            dc.backbone.depths = vec![1; 4];
-            let vs = VarStore::new(device);
-            let mut det = Detector::new(&vs.root(), &dc);
-            let heads = cnn::param_count(&vs) - prefix_params(&vs, "backbone.");
-            let bvs = VarStore::new(device);
-            det.backbone = bbcfg::build(&(bvs.root() / "backbone"), bb);
-            let params = heads + cnn::param_count(&bvs);
-            Ok(Built::Det {
-                det: Box::new(det),
-                _vs: vec![vs, bvs],
-                params,
-            })
-        }
-        ("upernet", bb) => {
-            let size = if spec.name.contains("_tiny_") {
-                "tiny"
-            } else if spec.name.contains("_small_") {
-                "small"
-            } else if spec.name.contains("_base_") {
-                "base"
-            } else if spec.name.contains("_xlarge_") {
-                "xlarge"
-            } else {
-                "large"
-            };
-            let mut sc = match bb {
-                None => SegmentorConfig::preset(&spec.name)?,
-                Some(_) => SegmentorConfig::upernet_convnext(size)?,
-            };
-            if let Some(b) = bb {
-                sc.backbone.dims = b.out_channels();
-                sc.backbone.depths = vec![1; 4];
-            }
-            let vs = VarStore::new(device);
-            let seg = Segmentor::new_uninit(&vs.root(), &sc)?;
-            match bb {
-                None => {
-                    let params = cnn::param_count(&vs);
-                    Ok(Built::Seg {
-                        seg: Box::new(seg),
-                        backbone: None,
-                        _vs: vec![vs],
-                        params,
-                    })
-                }
-                Some(b) => {
-                    let heads = cnn::param_count(&vs) - prefix_params(&vs, "backbone.");
-                    let bvs = VarStore::new(device);
-                    let backbone = bbcfg::build(&(bvs.root() / "backbone"), b);
-                    let params = heads + cnn::param_count(&bvs);
-                    Ok(Built::Seg {
-                        seg: Box::new(seg),
-                        backbone: Some(backbone),
-                        _vs: vec![vs, bvs],
-                        params,
-                    })
-                }
+            Built::Det {
+                det: AnyDetector::MaskRcnn(Box::new(det)),
+                vs,
             }
         }
-        (a, _) => bail!("unknown architecture {a}"),
-    }
+        "cascade_mask_rcnn" => {
+            let det = CascadeDetector::new(&vs.root(), &CascadeConfig::preset(&spec.name)?);
+            Built::Det {
+                det: AnyDetector::Cascade(Box::new(det)),
+                vs,
+            }
+        }
+        "upernet" => {
+            let seg = Segmentor::new_uninit(&vs.root(), &SegmentorConfig::preset(&spec.name)?)?;
+            Built::Seg {
+                seg: Box::new(seg),
+                vs,
+            }
+        }
+        a => bail!("unknown architecture {a}"),
+    })
 }
 
 impl Built {
     pub fn params(&self) -> i64 {
         match self {
-            Built::Det { params, .. } | Built::Seg { params, .. } => *params,
+            Built::Det { vs, .. } | Built::Seg { vs, .. } => cnn::param_count(vs),
         }
     }
 
     /// What the tables' `get_flops` runs: mmdet's `forward_dummy` (1000 boxes through the box
-    /// head, 100 through the mask head) / mmseg's backbone + decode head.
+    /// head(s), 100 through the mask head(s)) / mmseg's backbone + decode head.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         tch::no_grad(|| match self {
             Built::Det { det, .. } => det.forward_dummy(x),
-            Built::Seg { seg, backbone, .. } => match backbone {
-                None => seg.encode_decode(x),
-                Some(b) => seg
-                    .decode_head
-                    .forward_t(&b.forward_features(x, false), false),
-            },
+            Built::Seg { seg, .. } => seg.encode_decode(x),
         })
     }
 }
@@ -394,9 +317,7 @@ impl Built {
 /// (parameters, FLOPs) of a comparison preset at `h` x `w` (for `cnx flops`); `None` for names
 /// that are not comparison presets.
 pub fn count_preset(name: &str, h: i64, w: i64) -> Option<Result<(i64, f64)>> {
-    if !bbcfg::comparison_presets().iter().any(|p| p.name == name) {
-        return None;
-    }
+    bbcfg::comparison_preset(name)?;
     Some((|| {
         let spec = row_spec(name)?;
         let m = build(&spec, Device::Cpu)?;
@@ -526,20 +447,13 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
         if let Some((_, f)) = args.weights.iter().find(|(k, _)| k == name) {
-            let have_data = match args.task {
-                CompareTask::Det => args.coco.is_some() && args.images.is_some(),
-                CompareTask::Seg => args.ade_root.is_some(),
-            };
-            let why = if have_data {
-                "evaluation through compare is not wired yet: run `cnx eval`"
-            } else {
-                "no dataset given"
-            };
-            r.note = format!(
-                "{}weights {} not evaluated ({why})",
-                if r.note.is_empty() { "" } else { "; " },
-                f.display()
-            );
+            match evaluate_row(&args, &spec, f, device) {
+                Ok(Some(m)) => r.metric = Some(m),
+                Ok(None) => {
+                    r.note = format!("weights {} not evaluated: no dataset given", f.display())
+                }
+                Err(e) => bail!("evaluating {name} with {}: {e:#}", f.display()),
+            }
         }
         rows.push(r);
     }
@@ -561,6 +475,46 @@ pub fn run(args: Args) -> Result<()> {
     println!("{md}");
     println!("wrote {}/report.{{md,json,png}}", args.out.display());
     Ok(())
+}
+
+/// The row's accuracy with trained weights `f`: COCO box AP x100 (the whole annotation file),
+/// or ADE20K validation mIoU (percent) with the multi-scale + flip test. `None` without a dataset.
+fn evaluate_row(args: &Args, spec: &RowSpec, f: &Path, device: Device) -> Result<Option<f64>> {
+    match args.task {
+        CompareTask::Det => {
+            let (Some(ann), Some(images)) = (&args.coco, &args.images) else {
+                return Ok(None);
+            };
+            let (_vs, det) = crate::cmd::predict::load_detector(&spec.name, f, false, device)?;
+            let out = args.out.join(format!("{}.bbox.json", spec.name));
+            std::fs::create_dir_all(&args.out)?;
+            let s = crate::cmd::test::coco_test(
+                &det,
+                ann,
+                images,
+                None,
+                &out,
+                &[IouType::Bbox],
+                device,
+            )?;
+            Ok(Some(s[0].1.ap * 100.0))
+        }
+        CompareTask::Seg => {
+            let Some(root) = &args.ade_root else {
+                return Ok(None);
+            };
+            let o = crate::cmd::seg::TestOpts {
+                cfg: SegmentorConfig::preset(&spec.name)?,
+                weights: f.to_path_buf(),
+                ade_root: root.clone(),
+                mode: None,
+                aug_test: true,
+                out_dir: None,
+                device,
+            };
+            Ok(Some(crate::cmd::seg::test_with(&o)?.summary.miou))
+        }
+    }
 }
 
 fn render_md(r: &Report) -> String {

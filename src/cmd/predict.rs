@@ -119,6 +119,14 @@ impl AnyDetector {
         }
     }
 
+    /// mmdet's `forward_dummy` (what `get_flops` counts and `cnx compare --fps` times).
+    pub fn forward_dummy(&self, images: &Tensor) -> Tensor {
+        match self {
+            Self::MaskRcnn(d) => d.forward_dummy(images),
+            Self::Cascade(d) => d.forward_dummy(images),
+        }
+    }
+
     pub fn predict_batch(&self, batch: &cnx_datasets::DetBatch, device: Device) -> Vec<Detections> {
         match self {
             Self::MaskRcnn(d) => d.predict_batch(batch, device),
@@ -136,19 +144,20 @@ pub fn load_detector(
     device: Device,
 ) -> Result<(VarStore, AnyDetector)> {
     let mut vs = VarStore::new(device);
-    let det = if preset.starts_with("cascade_") {
-        AnyDetector::Cascade(Box::new(CascadeDetector::new(
-            &vs.root(),
-            &CascadeConfig::preset(preset)?,
-        )))
+    let (det, backbone) = if preset.starts_with("cascade_") {
+        let cfg = CascadeConfig::preset(preset)?;
+        let bb = cfg.base.backbone.dense()?;
+        let det = CascadeDetector::new(&vs.root(), &cfg);
+        (AnyDetector::Cascade(Box::new(det)), bb)
     } else {
-        AnyDetector::MaskRcnn(Box::new(Detector::new(
-            &vs.root(),
-            &DetectorConfig::preset(preset)?,
-        )))
+        let cfg = DetectorConfig::preset(preset)?;
+        let bb = cfg.backbone.dense()?;
+        let det = Detector::new(&vs.root(), &cfg);
+        (AnyDetector::MaskRcnn(Box::new(det)), bb)
     };
-    let report = cnx_heads::weights::load_checkpoint(&mut vs, weights, drop_class_layers)
-        .with_context(|| format!("loading {}", weights.display()))?;
+    let report =
+        cnx_heads::weights::load_checkpoint_for(&mut vs, weights, drop_class_layers, &backbone)
+            .with_context(|| format!("loading {}", weights.display()))?;
     eprintln!("{}: {}", weights.display(), report.summary());
     Ok((vs, det))
 }

@@ -1,7 +1,7 @@
 //! `cnx presets`: the paper's recipes (and the demos) with their key settings and the numbers the
 //! paper reports for each.
 
-use crate::engine::config::{Policy, Task};
+use crate::engine::config::{DecayType, Policy, Task};
 use crate::engine::presets::{self, PaperNumbers};
 use anyhow::Result;
 
@@ -42,8 +42,8 @@ pub fn run(args: Args) -> Result<()> {
 /// The presets table (also pasted into the README).
 pub fn table() -> String {
     let mut s = String::new();
-    s += "| preset | task | lr | lr decay | drop path | batch | schedule | paper |\n";
-    s += "|---|---|---|---|---|---|---|---|\n";
+    s += "| preset | task | lr | weight decay | lr decay | drop path | batch | schedule | paper |\n";
+    s += "|---|---|---|---|---|---|---|---|---|\n";
     for p in presets::all() {
         let c = p.config();
         let sched = match c.schedule.policy {
@@ -57,22 +57,31 @@ pub fn table() -> String {
             Policy::Poly => format!("{} it, poly", c.runtime.max_iters),
             Policy::Fixed => "fixed".into(),
         };
-        let decay = format!("{} {:?}", c.optimizer.decay_rate, c.optimizer.decay_type)
-            .replace("LayerWise", "layer")
-            .replace("StageWise", "stage");
+        let decay = match c.optimizer.decay_type {
+            DecayType::None => "none".to_string(),
+            DecayType::LayerWise => format!("{} layer", c.optimizer.decay_rate),
+            DecayType::StageWise => format!("{} stage", c.optimizer.decay_rate),
+        };
+        let params = |m: f64| {
+            if m.is_finite() {
+                format!(", {m}M")
+            } else {
+                String::new()
+            }
+        };
         let paper = match p.paper {
             PaperNumbers::Coco {
                 box_ap,
                 mask_ap,
                 params_m,
                 ..
-            } => format!("AP box {box_ap} / mask {mask_ap}, {params_m}M"),
+            } => format!("AP box {box_ap} / mask {mask_ap}{}", params(params_m)),
             PaperNumbers::Ade {
                 miou_ss,
                 miou_ms,
                 params_m,
                 ..
-            } => format!("mIoU {miou_ss} / {miou_ms} ms, {params_m}M"),
+            } => format!("mIoU {miou_ss} / {miou_ms} ms{}", params(params_m)),
             PaperNumbers::None => "demo (CPU)".into(),
         };
         let task = match c.task {
@@ -80,10 +89,11 @@ pub fn table() -> String {
             Task::Seg => "ADE20K",
         };
         s += &format!(
-            "| {} | {} | {:e} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:e} | {} | {} | {} | {} | {} | {} |\n",
             p.name,
             task,
             c.optimizer.lr,
+            c.optimizer.weight_decay,
             decay,
             c.model.backbone.drop_path_rate,
             c.data.batch_size,

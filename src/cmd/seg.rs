@@ -71,6 +71,10 @@ pub fn load_segmentor(
     let seg = Segmentor::new_uninit(&vs.root(), cfg)?;
     let sd = checkpoint::read_state_dict(weights)
         .with_context(|| format!("reading {}", weights.display()))?;
+    let sd = match cfg.backbone.named()? {
+        Some(b) => cnx_heads::weights::convert_backbone_keys(&sd, &b),
+        None => sd,
+    };
     // Training-only checkpoints may lack the auxiliary head; it does not run at test time.
     let report = checkpoint::load_into(&mut vs, &sd, &LoadOptions::partial())
         .with_context(|| format!("loading {}", weights.display()))?;

@@ -7,10 +7,12 @@ use anyhow::{bail, Context, Result};
 use cnx_datasets::loader::collate_det;
 use cnx_datasets::pipeline::TestPipeline;
 use cnx_datasets::CocoDataset;
-use cnx_eval::coco::{evaluate, parse_results, CocoGt, IouType};
+use crate::cmd::predict::AnyDetector;
+use cnx_eval::coco::{evaluate, parse_results, CocoGt, IouType, Summary};
 use cnx_heads::results::{to_coco, CocoResult};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use tch::Device;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -95,10 +97,32 @@ pub fn run(args: Args) -> Result<()> {
         args.drop_class_layers,
         device,
     )?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("results.json"));
+    for (t, summary) in coco_test(&det, &ann, &img_dir, args.limit, &out, &types, device)? {
+        println!("Evaluate annotation type *{}*", t.name());
+        println!("{}", summary.format_pycocotools());
+    }
+    Ok(())
+}
+
+/// Run `det` over the COCO dataset `ann` / `img_dir` (the first `limit` images), write the
+/// results file `out` and evaluate it against all of `ann`'s ground truth, one summary per type.
+pub fn coco_test(
+    det: &AnyDetector,
+    ann: &Path,
+    img_dir: &Path,
+    limit: Option<usize>,
+    out: &Path,
+    types: &[IouType],
+    device: Device,
+) -> Result<Vec<(IouType, Summary)>> {
     let ds =
-        CocoDataset::load(&ann, &img_dir).with_context(|| format!("reading {}", ann.display()))?;
+        CocoDataset::load(ann, img_dir).with_context(|| format!("reading {}", ann.display()))?;
     let pipe = TestPipeline::default();
-    let n = args.limit.unwrap_or(ds.images.len()).min(ds.images.len());
+    let n = limit.unwrap_or(ds.images.len()).min(ds.images.len());
     let pb = ProgressBar::new(n as u64);
     pb.set_style(
         ProgressStyle::with_template(
@@ -133,10 +157,6 @@ pub fn run(args: Args) -> Result<()> {
         ));
     }
     pb.finish();
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("results.json"));
     let bytes = serde_json::to_vec(&results)?;
     std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
     println!(
@@ -148,12 +168,11 @@ pub fn run(args: Args) -> Result<()> {
     if failed > 0 {
         eprintln!("{failed} images could not be read and were skipped");
     }
-    let gt = CocoGt::load(&ann)?;
+    let gt = CocoGt::load(ann)?;
     let dets = parse_results(&bytes, &out.display().to_string())?;
-    for t in types {
-        let ev = evaluate(&gt, &dets, t)?;
-        println!("Evaluate annotation type *{}*", t.name());
-        println!("{}", ev.summary.format_pycocotools());
+    let mut summaries = Vec::new();
+    for &t in types {
+        summaries.push((t, evaluate(&gt, &dets, t)?.summary));
     }
-    Ok(())
+    Ok(summaries)
 }

@@ -54,11 +54,15 @@ pub struct ModelConfig {
     pub seg: Option<SegHeadConfig>,
 }
 
-/// ConvNeXt backbone (dense variant: a LayerNorm after every output stage).
+/// The backbone: a dense ConvNeXt (a LayerNorm after every output stage) from depths/dims, or a
+/// comparison backbone built by name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackboneConfig {
-    /// `convnext_{tiny,small,base,large,xlarge}` or a custom name (depths/dims then rule).
+    /// `convnext_{tiny,small,base,large,xlarge}` or another `convnext*` name (depths/dims then
+    /// rule); or `swin_{tiny,small,base,large}`, `resnet50`, `resnet101`,
+    /// `resnext101_{32x4d,64x4d}`, built with their family's detection defaults (depths, dims
+    /// and layer_scale_init unused).
     pub variant: String,
     pub depths: Vec<i64>,
     pub dims: Vec<i64>,
@@ -273,7 +277,10 @@ impl Config {
     /// Checks that do not need any file: consistent lengths and positive sizes.
     pub fn validate(&self) -> Result<()> {
         let b = &self.model.backbone;
-        if b.depths.len() != 4 || b.dims.len() != 4 {
+        if !b.variant.starts_with("convnext") {
+            // Swin / ResNet / ResNeXt are built by name (checked here); depths and dims unused.
+            super::tasks::named_backbone(self)?;
+        } else if b.depths.len() != 4 || b.dims.len() != 4 {
             bail!(
                 "model.backbone: depths and dims need 4 entries (got {} and {})",
                 b.depths.len(),

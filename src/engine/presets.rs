@@ -25,19 +25,130 @@ pub enum PaperNumbers {
     None,
 }
 
+/// How a preset's config is made.
+#[derive(Debug, Clone, Copy)]
+enum Recipe {
+    Fn(fn() -> Config),
+    /// A backbone-transfer row of the paper's Tables 3/4 (Swin, ResNet, ResNeXt backbones).
+    Comparison(&'static str),
+}
+
 /// One named recipe.
 #[derive(Debug, Clone)]
 pub struct Preset {
     pub name: &'static str,
     pub description: &'static str,
     pub paper: PaperNumbers,
-    build: fn() -> Config,
+    build: Recipe,
 }
 
 impl Preset {
     pub fn config(&self) -> Config {
-        (self.build)()
+        match self.build {
+            Recipe::Fn(f) => f(),
+            Recipe::Comparison(name) => comparison(name),
+        }
     }
+}
+
+/// The paper's second figure for each comparison row: mask AP (COCO) or single-scale mIoU
+/// (ADE20K; the Swin paper's own figure), from paper-targets.md.
+const COMPARISON_SECOND: [(&str, f64); 14] = [
+    ("mask_rcnn_swin_tiny_3x", 41.6),
+    ("cascade_mask_rcnn_r50_3x", 40.1),
+    ("cascade_mask_rcnn_x101_32x4d_3x", 41.6),
+    ("cascade_mask_rcnn_x101_64x4d_3x", 41.7),
+    ("cascade_mask_rcnn_swin_tiny_3x", 43.7),
+    ("cascade_mask_rcnn_swin_small_3x", 45.0),
+    ("cascade_mask_rcnn_swin_base_3x", 45.0),
+    ("cascade_mask_rcnn_swin_base_3x_in22k", 45.8),
+    ("cascade_mask_rcnn_swin_large_3x_in22k", 46.7),
+    ("upernet_swin_tiny_512_160k", 44.5),
+    ("upernet_swin_small_512_160k", 47.6),
+    ("upernet_swin_base_512_160k", 48.1),
+    ("upernet_swin_base_640_160k_in22k", 50.0),
+    ("upernet_swin_large_640_160k_in22k", 52.1),
+];
+
+/// The comparison rows as presets, after the ConvNeXt ones.
+fn comparison_presets() -> Vec<Preset> {
+    cnx_backbone::config::comparison_presets()
+        .into_iter()
+        .map(|p| {
+            let second = COMPARISON_SECOND
+                .iter()
+                .find(|r| r.0 == p.name)
+                .map_or(f64::NAN, |r| r.1);
+            let params_m = p.paper_params_m.unwrap_or(f64::NAN);
+            let (paper, what) = if p.arch == "upernet" {
+                (
+                    PaperNumbers::Ade {
+                        miou_ss: second,
+                        miou_ms: p.paper_metric,
+                        params_m,
+                        flops_g: p.paper_gflops,
+                    },
+                    "UperNet",
+                )
+            } else {
+                (
+                    PaperNumbers::Coco {
+                        box_ap: p.paper_metric,
+                        mask_ap: second,
+                        params_m,
+                        flops_g: p.paper_gflops,
+                    },
+                    if p.arch == "mask_rcnn" {
+                        "Mask R-CNN"
+                    } else {
+                        "Cascade Mask R-CNN"
+                    },
+                )
+            };
+            let data = if p.arch == "upernet" {
+                format!("ADE20K {0}x{0} 160k", p.crop)
+            } else {
+                "COCO 3x".to_string()
+            };
+            let desc = format!(
+                "{what}, {} ({}), {data} (comparison row)",
+                p.backbone_name,
+                if p.in22k { "IN-22K" } else { "IN-1K" }
+            );
+            Preset {
+                name: p.name,
+                description: Box::leak(desc.into_boxed_str()),
+                paper,
+                build: Recipe::Comparison(p.name),
+            }
+        })
+        .collect()
+}
+
+/// A comparison row's config: the ConvNeXt-T recipe of the same architecture with the row's
+/// backbone and the Swin repo's optimizer (AdamW, no layer-wise decay, no weight decay on
+/// norms, `absolute_pos_embed` and `relative_position_bias_table`).
+fn comparison(name: &str) -> Config {
+    let p = cnx_backbone::config::comparison_preset(name).expect("a comparison row");
+    let mut c = match p.arch {
+        "upernet" => seg("tiny", p.crop as u32, p.lr, p.drop_path),
+        "mask_rcnn" => det(Arch::MaskRcnn, "tiny", p.lr, 1.0, p.drop_path),
+        _ => det(Arch::CascadeMaskRcnn, "tiny", p.lr, 1.0, p.drop_path),
+    };
+    c.name = name.to_string();
+    c.model.backbone.variant = p.backbone_name.to_string();
+    c.model.backbone.depths = vec![];
+    c.model.backbone.dims = p.backbone.out_channels();
+    c.model.backbone.layer_scale_init = 0.0;
+    c.optimizer.weight_decay = p.weight_decay;
+    c.optimizer.decay_type = DecayType::None;
+    c.optimizer.decay_rate = 1.0;
+    c.optimizer.no_decay_keys = vec![
+        "absolute_pos_embed".into(),
+        "relative_position_bias_table".into(),
+        "norm".into(),
+    ];
+    c
 }
 
 /// Every preset, paper rows first, then the demos.
@@ -53,7 +164,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 48.0,
                 flops_g: 262.0,
             },
-            build: || det(Arch::MaskRcnn, "tiny", 1e-4, 0.95, 0.4),
+            build: Recipe::Fn(|| det(Arch::MaskRcnn, "tiny", 1e-4, 0.95, 0.4)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_tiny_3x",
@@ -64,7 +175,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 86.0,
                 flops_g: 741.0,
             },
-            build: || det(Arch::CascadeMaskRcnn, "tiny", 2e-4, 0.7, 0.4),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "tiny", 2e-4, 0.7, 0.4)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_small_3x",
@@ -75,7 +186,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 108.0,
                 flops_g: 827.0,
             },
-            build: || det(Arch::CascadeMaskRcnn, "small", 2e-4, 0.7, 0.6),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "small", 2e-4, 0.7, 0.6)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_base_3x",
@@ -86,7 +197,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 146.0,
                 flops_g: 964.0,
             },
-            build: || det(Arch::CascadeMaskRcnn, "base", 2e-4, 0.8, 0.7),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "base", 2e-4, 0.8, 0.7)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_base_3x_in22k",
@@ -97,7 +208,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 146.0,
                 flops_g: 964.0,
             },
-            build: || det(Arch::CascadeMaskRcnn, "base", 1e-4, 0.8, 0.6),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "base", 1e-4, 0.8, 0.6)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_large_3x_in22k",
@@ -108,7 +219,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 255.0,
                 flops_g: 1354.0,
             },
-            build: || det(Arch::CascadeMaskRcnn, "large", 1e-4, 0.7, 0.7),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "large", 1e-4, 0.7, 0.7)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_xlarge_3x_in22k",
@@ -119,7 +230,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 407.0,
                 flops_g: 1898.0,
             },
-            build: || det(Arch::CascadeMaskRcnn, "xlarge", 1e-4, 0.7, 0.8),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "xlarge", 1e-4, 0.7, 0.8)),
         },
         Preset {
             name: "upernet_convnext_tiny_512_160k",
@@ -130,7 +241,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 60.0,
                 flops_g: 939.0,
             },
-            build: || seg("tiny", 512, 1e-4, 0.4),
+            build: Recipe::Fn(|| seg("tiny", 512, 1e-4, 0.4)),
         },
         Preset {
             name: "upernet_convnext_small_512_160k",
@@ -141,7 +252,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 82.0,
                 flops_g: 1027.0,
             },
-            build: || seg("small", 512, 1e-4, 0.3),
+            build: Recipe::Fn(|| seg("small", 512, 1e-4, 0.3)),
         },
         Preset {
             name: "upernet_convnext_base_512_160k",
@@ -152,7 +263,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 122.0,
                 flops_g: 1170.0,
             },
-            build: || seg("base", 512, 1e-4, 0.4),
+            build: Recipe::Fn(|| seg("base", 512, 1e-4, 0.4)),
         },
         Preset {
             name: "upernet_convnext_base_640_160k_in22k",
@@ -163,7 +274,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 122.0,
                 flops_g: 1828.0,
             },
-            build: || seg("base", 640, 1e-4, 0.4),
+            build: Recipe::Fn(|| seg("base", 640, 1e-4, 0.4)),
         },
         Preset {
             name: "upernet_convnext_large_640_160k_in22k",
@@ -174,7 +285,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 235.0,
                 flops_g: 2458.0,
             },
-            build: || seg("large", 640, 1e-4, 0.4),
+            build: Recipe::Fn(|| seg("large", 640, 1e-4, 0.4)),
         },
         Preset {
             name: "upernet_convnext_xlarge_640_160k_in22k",
@@ -185,21 +296,24 @@ pub fn all() -> Vec<Preset> {
                 params_m: 391.0,
                 flops_g: 3335.0,
             },
-            build: || seg("xlarge", 640, 8e-5, 0.4),
+            build: Recipe::Fn(|| seg("xlarge", 640, 8e-5, 0.4)),
         },
         Preset {
             name: "demo_mask_rcnn_convnext_nano",
             description: "demo: tiny ConvNeXt Mask R-CNN on synthetic COCO-format shapes (CPU)",
             paper: None,
-            build: demo_det,
+            build: Recipe::Fn(demo_det),
         },
         Preset {
             name: "demo_upernet_convnext_nano",
             description: "demo: tiny ConvNeXt UperNet on synthetic ADE-format scenes (CPU)",
             paper: None,
-            build: demo_seg,
+            build: Recipe::Fn(demo_seg),
         },
     ]
+    .into_iter()
+    .chain(comparison_presets())
+    .collect()
 }
 
 /// Look a preset up by name; the error lists the valid names.
@@ -541,7 +655,7 @@ mod tests {
     #[test]
     fn names_match_their_config_and_recipe_table() {
         let ps = all();
-        assert_eq!(ps.len(), 15);
+        assert_eq!(ps.len(), 29);
         for p in &ps {
             assert_eq!(p.config().name, p.name);
         }
@@ -575,5 +689,36 @@ mod tests {
         assert_eq!(s.data.crop_size, [640, 640]);
         assert_eq!(s.data.img_scale, [2560, 640]);
         assert!(find("mask_rcnn_convnext_huge").is_err());
+    }
+
+    #[test]
+    fn comparison_rows_follow_the_swin_recipes() {
+        // (name, variant, lr, weight decay, drop path) as the Swin detection/segmentation configs.
+        let table = [
+            ("mask_rcnn_swin_tiny_3x", "swin_tiny", 1e-4, 0.05, 0.2),
+            ("cascade_mask_rcnn_r50_3x", "resnet50", 1e-4, 0.05, 0.0),
+            ("cascade_mask_rcnn_x101_64x4d_3x", "resnext101_64x4d", 1e-4, 0.05, 0.0),
+            ("cascade_mask_rcnn_swin_base_3x_in22k", "swin_base", 1e-4, 0.05, 0.3),
+            ("upernet_swin_tiny_512_160k", "swin_tiny", 6e-5, 0.01, 0.3),
+            ("upernet_swin_large_640_160k_in22k", "swin_large", 6e-5, 0.01, 0.3),
+        ];
+        for (name, variant, lr, wd, dp) in table {
+            let c = find(name).unwrap().config();
+            assert_eq!(c.model.backbone.variant, variant, "{name}");
+            assert_eq!(c.optimizer.lr, lr, "{name}");
+            assert_eq!(c.optimizer.weight_decay, wd, "{name}");
+            assert_eq!(c.optimizer.decay_type, DecayType::None, "{name}");
+            assert_eq!(c.model.backbone.drop_path_rate, dp, "{name}");
+            for k in ["relative_position_bias_table", "absolute_pos_embed", "norm"] {
+                assert!(c.optimizer.no_decay_keys.iter().any(|x| x == k), "{name} {k}");
+            }
+        }
+        let c = find("upernet_swin_large_640_160k_in22k").unwrap().config();
+        assert_eq!(c.data.crop_size, [640, 640]);
+        assert_eq!(c.model.arch, Arch::Upernet);
+        assert_eq!(
+            find("cascade_mask_rcnn_r50_3x").unwrap().config().model.arch,
+            Arch::CascadeMaskRcnn
+        );
     }
 }

@@ -11,12 +11,44 @@ use cnx_datasets::{
     CocoDataset, CocoTrain, DetBatch, Loader, LoaderConfig, TestIter, TestPipeline, TrainPipeline,
 };
 use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
-use cnx_heads::segmentor::{SegmentorConfig, TestMode};
+use cnx_backbone::config::BackboneConfig;
+use cnx_heads::detector::BackboneCfg;
+use cnx_heads::segmentor::{BackboneSpec, SegmentorConfig, TestMode};
 use cnx_heads::{Detector, DetectorConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{nn, Device, Kind, Tensor};
+
+/// `model.backbone.variant` when it names a comparison backbone (Swin, ResNet, ResNeXt: built by
+/// name, depths/dims unused); `None` for ConvNeXt (built from depths/dims).
+pub fn named_backbone(cfg: &Config) -> Result<Option<&str>> {
+    let v = cfg.model.backbone.variant.as_str();
+    if v.starts_with("convnext") {
+        return Ok(None);
+    }
+    if cnx_backbone::config::BACKBONES.contains(&v) {
+        return Ok(Some(v));
+    }
+    bail!(
+        "model.backbone.variant {v:?}: not a ConvNeXt (convnext_*) nor one of {}",
+        cnx_backbone::config::BACKBONES.join(", ")
+    )
+}
+
+/// The backbone an engine config builds (for checkpoint key mapping).
+pub fn backbone_config(cfg: &Config) -> Result<BackboneConfig> {
+    Ok(match cfg.model.arch {
+        Arch::Upernet => {
+            let s = segmentor_config(cfg)?;
+            match s.backbone.named()? {
+                Some(b) => b,
+                None => BackboneConfig::ConvNeXt(s.backbone.to_convnext()),
+            }
+        }
+        _ => detector_config(cfg)?.backbone.dense()?,
+    })
+}
 
 /// The heads crate's detector config for an engine config (Mask R-CNN; also the shared part of
 /// a Cascade config).
@@ -32,6 +64,9 @@ pub fn detector_config(cfg: &Config) -> Result<DetectorConfig> {
     d.backbone.dims = m.backbone.dims.clone();
     d.backbone.drop_path_rate = m.backbone.drop_path_rate;
     d.backbone.layer_scale_init_value = m.backbone.layer_scale_init;
+    if let Some(n) = named_backbone(cfg)? {
+        d.backbone = BackboneCfg::named(n, m.backbone.drop_path_rate)?;
+    }
     d.neck.out_channels = h.fpn_channels;
     d.rpn.train_proposals.nms_pre = h.rpn_train_nms_pre;
     d.rpn.train_proposals.max_per_img = h.rpn_train_max_per_img;
@@ -117,6 +152,9 @@ pub fn segmentor_config(cfg: &Config) -> Result<SegmentorConfig> {
     s.backbone.drop_path_rate = m.backbone.drop_path_rate;
     s.backbone.layer_scale_init_value = m.backbone.layer_scale_init;
     s.backbone.out_indices = m.backbone.out_indices.iter().map(|&i| i as usize).collect();
+    if let Some(n) = named_backbone(cfg)? {
+        s.backbone = BackboneSpec::from_name(n, m.backbone.drop_path_rate)?;
+    }
     s.decode_head.channels = h.channels;
     s.decode_head.pool_scales = h.pool_scales.clone();
     s.decode_head.dropout_ratio = h.dropout;
@@ -205,6 +243,7 @@ fn loader_config(cfg: &Config) -> LoaderConfig {
 /// Mask R-CNN on a COCO-format dataset.
 pub struct DetTask {
     vs: nn::VarStore,
+    backbone: BackboneConfig,
     model: DetModel,
     device: Device,
     batch_size: usize,
@@ -277,6 +316,7 @@ impl DetTask {
         };
         Ok(Self {
             vs,
+            backbone: backbone_config(cfg)?,
             model,
             device,
             batch_size: bs,
@@ -388,7 +428,7 @@ impl TrainTask for DetTask {
         Ok(out)
     }
     fn load_pretrained(&mut self, path: &Path) -> Result<String> {
-        let r = cnx_heads::weights::load_checkpoint(&mut self.vs, path, false)
+        let r = cnx_heads::weights::load_checkpoint_for(&mut self.vs, path, false, &self.backbone)
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         Ok(format!(
             "{} tensors loaded from {}, {} model tensors not in it",
@@ -484,6 +524,7 @@ impl DemoTask for DetTask {
 /// UperNet on an ADE-format dataset.
 pub struct SegTask {
     vs: nn::VarStore,
+    backbone: BackboneConfig,
     model: cnx_heads::segmentor::Segmentor,
     device: Device,
     batch_size: usize,
@@ -537,6 +578,7 @@ impl SegTask {
         let bs = cfg.data.batch_size;
         Ok(Self {
             vs,
+            backbone: backbone_config(cfg)?,
             model,
             device,
             batch_size: bs,
@@ -643,7 +685,7 @@ impl TrainTask for SegTask {
         .collect())
     }
     fn load_pretrained(&mut self, path: &Path) -> Result<String> {
-        let r = cnx_heads::weights::load_checkpoint(&mut self.vs, path, false)
+        let r = cnx_heads::weights::load_checkpoint_for(&mut self.vs, path, false, &self.backbone)
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         Ok(format!(
             "{} tensors loaded from {}, {} model tensors not in it",
