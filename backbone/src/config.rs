@@ -194,23 +194,24 @@ pub fn comparison_presets() -> Vec<ComparisonPreset> {
             .expect("known backbone")
             .with_drop_path(dpr)
     };
-    let det = |name, arch, b: (&'static str, f64), in22k, p: Option<f64>, g, fps, ap| ComparisonPreset {
-        name,
-        arch,
-        backbone: build(b),
-        backbone_name: b.0,
-        drop_path: b.1,
-        in22k,
-        lr: 1e-4,
-        weight_decay: 0.05,
-        epochs: 36,
-        iters: 0,
-        crop: 0,
-        paper_params_m: p,
-        paper_gflops: g,
-        paper_fps: Some(fps),
-        paper_metric: ap,
-    };
+    let det =
+        |name, arch, b: (&'static str, f64), in22k, p: Option<f64>, g, fps, ap| ComparisonPreset {
+            name,
+            arch,
+            backbone: build(b),
+            backbone_name: b.0,
+            drop_path: b.1,
+            in22k,
+            lr: 1e-4,
+            weight_decay: 0.05,
+            epochs: 36,
+            iters: 0,
+            crop: 0,
+            paper_params_m: p,
+            paper_gflops: g,
+            paper_fps: Some(fps),
+            paper_metric: ap,
+        };
     let seg = |name, b: (&'static str, f64), crop, in22k, p, g, miou| ComparisonPreset {
         name,
         arch: "upernet",

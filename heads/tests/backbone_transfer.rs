@@ -21,7 +21,8 @@ fn inputs() -> (Tensor, Vec<ImgMeta>, Vec<GtInstances>) {
         scale_factor: (1.0, 1.0),
     }];
     let gts = vec![GtInstances {
-        boxes: Tensor::from_slice(&[8.0f32, 10.0, 60.0, 70.0, 40.0, 30.0, 120.0, 90.0]).view([2, 4]),
+        boxes: Tensor::from_slice(&[8.0f32, 10.0, 60.0, 70.0, 40.0, 30.0, 120.0, 90.0])
+            .view([2, 4]),
         labels: Tensor::from_slice(&[3i64, 17]),
         masks: None,
     }];
@@ -51,8 +52,14 @@ fn check_grads(backbone: &str, with_grad: &[String]) {
         assert!(has("backbone.layers.3."), "{backbone}");
     } else {
         // mmdet's ResNet setting: stem and layer1 frozen, the rest trains.
-        assert!(!has("backbone.conv1.") && !has("backbone.layer1."), "{backbone}");
-        assert!(has("backbone.layer2.") && has("backbone.layer4."), "{backbone}");
+        assert!(
+            !has("backbone.conv1.") && !has("backbone.layer1."),
+            "{backbone}"
+        );
+        assert!(
+            has("backbone.layer2.") && has("backbone.layer4."),
+            "{backbone}"
+        );
     }
 }
 
@@ -67,7 +74,13 @@ fn mask_rcnn_with_swin_and_resnet() {
         let (images, metas, gts) = inputs();
         let losses = det.forward_train(&images, &metas, &gts);
         let v = losses.values();
-        for k in ["loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"] {
+        for k in [
+            "loss_rpn_cls",
+            "loss_rpn_bbox",
+            "loss_cls",
+            "loss_bbox",
+            "loss_mask",
+        ] {
             assert!(v[k].is_finite(), "{backbone} {k} = {}", v[k]);
         }
         check_grads(backbone, &step(&vs, &losses.total()));
@@ -108,8 +121,14 @@ fn cascade_with_resnet_and_swin_presets() {
         &CascadeConfig::preset("cascade_mask_rcnn_x101_32x4d_3x").unwrap(),
     );
     let vars = vs.variables();
-    assert_eq!(vars["backbone.layer1.0.conv2.weight"].size(), [128, 4, 3, 3]);
-    assert_eq!(vars["backbone.layer4.2.conv3.weight"].size(), [2048, 1024, 1, 1]);
+    assert_eq!(
+        vars["backbone.layer1.0.conv2.weight"].size(),
+        [128, 4, 3, 3]
+    );
+    assert_eq!(
+        vars["backbone.layer4.2.conv3.weight"].size(),
+        [2048, 1024, 1, 1]
+    );
 }
 
 #[test]
@@ -139,8 +158,7 @@ fn upernet_with_swin_and_resnet() {
     let mut bad = SegmentorConfig::preset("upernet_swin_tiny_512_160k").unwrap();
     bad.backbone.out_indices = vec![1, 2, 3];
     let err = Segmentor::new(&VarStore::new(Device::Cpu).root(), &bad)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.contains("out_indices"), "{err}");
 }

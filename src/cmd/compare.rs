@@ -12,15 +12,15 @@
 //! measured the way `cnx test` does it: COCO box AP (as pycocotools) or ADE20K mIoU with the
 //! multi-scale + flip test the paper's Table 4 reports.
 
+use crate::cmd::predict::AnyDetector;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::ValueEnum;
-use crate::cmd::predict::AnyDetector;
 use cnx_backbone::config as bbcfg;
 use cnx_backbone::{flops, nn as cnn};
+use cnx_eval::coco::IouType;
 use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
 use cnx_heads::detector::{Detector, DetectorConfig};
 use cnx_heads::segmentor::{Segmentor, SegmentorConfig};
-use cnx_eval::coco::IouType;
 use plotters::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};

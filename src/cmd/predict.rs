@@ -119,6 +119,14 @@ impl AnyDetector {
         }
     }
 
+    /// Foreground classes the detector predicts.
+    pub fn num_classes(&self) -> i64 {
+        match self {
+            Self::MaskRcnn(d) => d.config.roi.num_classes,
+            Self::Cascade(d) => d.config.base.roi.num_classes,
+        }
+    }
+
     /// mmdet's `forward_dummy` (what `get_flops` counts and `cnx compare --fps` times).
     pub fn forward_dummy(&self, images: &Tensor) -> Tensor {
         match self {

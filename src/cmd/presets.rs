@@ -42,7 +42,8 @@ pub fn run(args: Args) -> Result<()> {
 /// The presets table (also pasted into the README).
 pub fn table() -> String {
     let mut s = String::new();
-    s += "| preset | task | lr | weight decay | lr decay | drop path | batch | schedule | paper |\n";
+    s +=
+        "| preset | task | lr | weight decay | lr decay | drop path | batch | schedule | paper |\n";
     s += "|---|---|---|---|---|---|---|---|---|\n";
     for p in presets::all() {
         let c = p.config();

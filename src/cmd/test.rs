@@ -3,11 +3,11 @@
 //! COCO results file and evaluate it with cnx-eval (pycocotools' numbers). Images that cannot
 //! be read are named, counted and skipped. `upernet_*` presets run ADE20K through `cmd::seg`.
 
+use crate::cmd::predict::AnyDetector;
 use anyhow::{bail, Context, Result};
 use cnx_datasets::loader::collate_det;
 use cnx_datasets::pipeline::TestPipeline;
 use cnx_datasets::CocoDataset;
-use crate::cmd::predict::AnyDetector;
 use cnx_eval::coco::{evaluate, parse_results, CocoGt, IouType, Summary};
 use cnx_heads::results::{to_coco, CocoResult};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -121,6 +121,15 @@ pub fn coco_test(
 ) -> Result<Vec<(IouType, Summary)>> {
     let ds =
         CocoDataset::load(ann, img_dir).with_context(|| format!("reading {}", ann.display()))?;
+    if ds.num_classes() as i64 != det.num_classes() {
+        bail!(
+            "{} has {} categories but the detector predicts {} classes (labels could not be mapped \
+             to category ids); use an annotation file with the model's categories",
+            ann.display(),
+            ds.num_classes(),
+            det.num_classes()
+        );
+    }
     let pipe = TestPipeline::default();
     let n = limit.unwrap_or(ds.images.len()).min(ds.images.len());
     let pb = ProgressBar::new(n as u64);
@@ -158,7 +167,7 @@ pub fn coco_test(
     }
     pb.finish();
     let bytes = serde_json::to_vec(&results)?;
-    std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
     println!(
         "{} detections on {} images → {}",
         results.len(),

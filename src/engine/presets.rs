@@ -697,10 +697,28 @@ mod tests {
         let table = [
             ("mask_rcnn_swin_tiny_3x", "swin_tiny", 1e-4, 0.05, 0.2),
             ("cascade_mask_rcnn_r50_3x", "resnet50", 1e-4, 0.05, 0.0),
-            ("cascade_mask_rcnn_x101_64x4d_3x", "resnext101_64x4d", 1e-4, 0.05, 0.0),
-            ("cascade_mask_rcnn_swin_base_3x_in22k", "swin_base", 1e-4, 0.05, 0.3),
+            (
+                "cascade_mask_rcnn_x101_64x4d_3x",
+                "resnext101_64x4d",
+                1e-4,
+                0.05,
+                0.0,
+            ),
+            (
+                "cascade_mask_rcnn_swin_base_3x_in22k",
+                "swin_base",
+                1e-4,
+                0.05,
+                0.3,
+            ),
             ("upernet_swin_tiny_512_160k", "swin_tiny", 6e-5, 0.01, 0.3),
-            ("upernet_swin_large_640_160k_in22k", "swin_large", 6e-5, 0.01, 0.3),
+            (
+                "upernet_swin_large_640_160k_in22k",
+                "swin_large",
+                6e-5,
+                0.01,
+                0.3,
+            ),
         ];
         for (name, variant, lr, wd, dp) in table {
             let c = find(name).unwrap().config();
@@ -710,14 +728,21 @@ mod tests {
             assert_eq!(c.optimizer.decay_type, DecayType::None, "{name}");
             assert_eq!(c.model.backbone.drop_path_rate, dp, "{name}");
             for k in ["relative_position_bias_table", "absolute_pos_embed", "norm"] {
-                assert!(c.optimizer.no_decay_keys.iter().any(|x| x == k), "{name} {k}");
+                assert!(
+                    c.optimizer.no_decay_keys.iter().any(|x| x == k),
+                    "{name} {k}"
+                );
             }
         }
         let c = find("upernet_swin_large_640_160k_in22k").unwrap().config();
         assert_eq!(c.data.crop_size, [640, 640]);
         assert_eq!(c.model.arch, Arch::Upernet);
         assert_eq!(
-            find("cascade_mask_rcnn_r50_3x").unwrap().config().model.arch,
+            find("cascade_mask_rcnn_r50_3x")
+                .unwrap()
+                .config()
+                .model
+                .arch,
             Arch::CascadeMaskRcnn
         );
     }

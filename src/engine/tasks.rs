@@ -6,12 +6,12 @@
 use super::config::{Arch, Config, Task};
 use super::task::TrainTask;
 use anyhow::{anyhow, bail, Context, Result};
+use cnx_backbone::config::BackboneConfig;
 use cnx_datasets::ade::{AdeDataset, AdeTestIter, AdeTrain, SegBatch, SegTrainPipeline};
 use cnx_datasets::{
     CocoDataset, CocoTrain, DetBatch, Loader, LoaderConfig, TestIter, TestPipeline, TrainPipeline,
 };
 use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
-use cnx_backbone::config::BackboneConfig;
 use cnx_heads::detector::BackboneCfg;
 use cnx_heads::segmentor::{BackboneSpec, SegmentorConfig, TestMode};
 use cnx_heads::{Detector, DetectorConfig};
