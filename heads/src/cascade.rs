@@ -177,6 +177,8 @@ impl CascadeConfig {
             variant.strip_prefix("convnext_").unwrap_or(variant)
         );
         base.rpn.train_proposals = ProposalCfg::train(2000);
+        // mmdet's cascade_mask_rcnn_r50_fpn base config: RPN SmoothL1 (beta 1/9), not L1.
+        base.rpn.smooth_l1_beta = 1.0 / 9.0;
         base.roi.assigner = MaxIoUAssigner::rcnn(0.5);
         Ok(Self {
             base,
@@ -273,6 +275,7 @@ impl CascadeDetector {
         let mut rpn = RpnHead::new(&(root / "rpn_head"), c, b.rpn.anchors.clone());
         rpn.assigner = b.rpn.assigner.clone();
         rpn.sampler = b.rpn.sampler.clone();
+        rpn.smooth_l1_beta = b.rpn.smooth_l1_beta;
         let r = &b.roi;
         let bbox_heads = (0..cfg.stages.len())
             .map(|i| {

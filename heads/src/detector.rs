@@ -88,6 +88,9 @@ pub struct RpnCfg {
     pub sampler: RandomSampler,
     pub train_proposals: ProposalCfg,
     pub test_proposals: ProposalCfg,
+    /// Box loss: L1 when 0 (Mask R-CNN), SmoothL1 with this beta otherwise (Cascade: 1/9).
+    #[serde(default)]
+    pub smooth_l1_beta: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,6 +149,7 @@ impl DetectorConfig {
                 sampler: RandomSampler::rpn(),
                 train_proposals: ProposalCfg::train(1000),
                 test_proposals: ProposalCfg::test(),
+                smooth_l1_beta: 0.0,
             },
             roi: RoiHeadCfg {
                 num_classes: 80,
@@ -307,6 +311,7 @@ impl Detector {
         let mut rpn = RpnHead::new(&(root / "rpn_head"), c, cfg.rpn.anchors.clone());
         rpn.assigner = cfg.rpn.assigner.clone();
         rpn.sampler = cfg.rpn.sampler.clone();
+        rpn.smooth_l1_beta = cfg.rpn.smooth_l1_beta;
         let r = &cfg.roi;
         let bbox_head = Shared2FcBoxHead::new(
             &(root / "roi_head" / "bbox_head"),

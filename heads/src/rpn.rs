@@ -48,6 +48,9 @@ pub struct RpnHead {
     pub coder: DeltaXYWHCoder,
     pub assigner: MaxIoUAssigner,
     pub sampler: RandomSampler,
+    /// Box regression loss: L1 when 0 (mmdet's Mask R-CNN RPN), SmoothL1 with this beta otherwise
+    /// (mmdet's Cascade configs: 1/9).
+    pub smooth_l1_beta: f64,
 }
 
 /// Per-level raw outputs: objectness logits (N,A,H,W) and deltas (N,4A,H,W).
@@ -76,6 +79,7 @@ impl RpnHead {
             coder: DeltaXYWHCoder::default(),
             assigner: MaxIoUAssigner::rpn(),
             sampler: RandomSampler::rpn(),
+            smooth_l1_beta: 0.0,
         };
         for c in [&s.conv, &s.cls, &s.reg] {
             crate::init::normal(c.weight(), c.bias(), 0.01);
@@ -297,7 +301,42 @@ impl RpnHead {
             None,
             Reduction::Sum,
         ) / avg;
-        let loss_bbox = ((reg_pred - tgt).abs() * bw).sum(Kind::Float) / avg;
+        let loss_bbox =
+            (smooth_l1(&(reg_pred - tgt), self.smooth_l1_beta) * bw).sum(Kind::Float) / avg;
         (loss_cls, loss_bbox)
+    }
+}
+
+/// mmdet's `smooth_l1_loss` element-wise (`beta` 0: plain L1).
+pub fn smooth_l1(diff: &Tensor, beta: f64) -> Tensor {
+    let d = diff.abs();
+    if beta <= 0.0 {
+        return d;
+    }
+    d.lt(beta)
+        .where_self(&(d.square() * (0.5 / beta)), &(&d - 0.5 * beta))
+}
+
+#[cfg(test)]
+mod loss_tests {
+    use super::*;
+
+    #[test]
+    fn smooth_l1_is_mmdets() {
+        let d = Tensor::from_slice(&[-0.5f32, -0.05, 0.0, 0.1, 2.0]);
+        let b = 1.0 / 9.0;
+        let got = crate::boxes::to_vec_f32(&smooth_l1(&d, b));
+        // 0.5 * x^2 / beta below beta, |x| - beta / 2 above (mmdet/models/losses/smooth_l1_loss.py).
+        let want = [
+            0.5 - b / 2.0,
+            0.5 * 0.0025 / b,
+            0.0,
+            0.5 * 0.01 / b,
+            2.0 - b / 2.0,
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!((*g as f64 - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        assert_eq!(crate::boxes::to_vec_f32(&smooth_l1(&d, 0.0))[0], 0.5);
     }
 }

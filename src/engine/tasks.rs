@@ -97,7 +97,10 @@ pub fn cascade_config(cfg: &Config) -> Result<CascadeConfig> {
         .as_ref()
         .ok_or_else(|| anyhow!("model.det missing"))?;
     let mut c = CascadeConfig::cascade_mask_rcnn_convnext("tiny").map_err(|e| anyhow!("{e}"))?;
+    // The Cascade base keeps its own RPN box loss (SmoothL1, beta 1/9).
+    let rpn_beta = c.base.rpn.smooth_l1_beta;
     c.base = base;
+    c.base.rpn.smooth_l1_beta = rpn_beta;
     for s in c.stages.iter_mut() {
         s.sampler.num = h.rcnn_train_num_rois;
         s.sampler.pos_fraction = h.rcnn_pos_fraction;
@@ -764,5 +767,25 @@ mod loss_term_tests {
             .map(|(n, _)| n)
             .collect();
         assert_eq!(names, ["loss_rpn_cls", "loss_bbox_s1"]);
+    }
+
+    #[test]
+    fn engine_configs_keep_each_architectures_rpn_loss_and_backbone() {
+        use crate::engine::presets::find;
+        let c =
+            cascade_config(&find("cascade_mask_rcnn_convnext_tiny_3x").unwrap().config()).unwrap();
+        assert!((c.base.rpn.smooth_l1_beta - 1.0 / 9.0).abs() < 1e-12);
+        let m = detector_config(&find("mask_rcnn_convnext_tiny_3x").unwrap().config()).unwrap();
+        assert_eq!(m.rpn.smooth_l1_beta, 0.0);
+        let c = cascade_config(&find("cascade_mask_rcnn_r50_3x").unwrap().config()).unwrap();
+        assert_eq!(c.base.backbone.name.as_deref(), Some("resnet50"));
+        let s =
+            segmentor_config(&find("upernet_swin_base_640_160k_in22k").unwrap().config()).unwrap();
+        assert_eq!(s.backbone.name.as_deref(), Some("swin_base"));
+        assert_eq!(s.backbone.dims, [128, 256, 512, 1024]);
+        let mut bad = find("mask_rcnn_swin_tiny_3x").unwrap().config();
+        bad.model.backbone.variant = "vgg16".into();
+        let e = detector_config(&bad).unwrap_err().to_string();
+        assert!(e.contains("vgg16"), "{e}");
     }
 }

@@ -1,0 +1,41 @@
+//! Times `CascadeDetector::predict` of ConvNeXt-T Cascade Mask R-CNN on one preprocessed image
+//! (for bench/cascade.sh): `bench_cascade DIR THREADS RUNS` with DIR from
+//! `bench/cascade.py prepare`. Prints the median seconds and the number of detections.
+use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
+use cnx_heads::ImgMeta;
+use std::collections::HashMap;
+use tch::{nn::VarStore, Device, Tensor};
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let (dir, threads, runs): (&str, i32, usize) =
+        (&a[1], a[2].parse().unwrap(), a[3].parse().unwrap());
+    tch::set_num_threads(threads);
+    let cfg = CascadeConfig::preset("cascade_mask_rcnn_convnext_tiny_3x").unwrap();
+    let mut vs = VarStore::new(Device::Cpu);
+    let det = CascadeDetector::new(&vs.root(), &cfg);
+    cnx_heads::weights::load_checkpoint(&mut vs, format!("{dir}/weights.safetensors"), false)
+        .unwrap();
+    let inp: HashMap<String, Tensor> = Tensor::read_safetensors(format!("{dir}/input.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let v = |k: &str| cnx_heads::boxes::to_vec_f32(&inp[k]);
+    let (is, os, sf) = (v("img_shape"), v("ori_shape"), v("scale_factor"));
+    let meta = ImgMeta {
+        img_shape: (is[0] as i64, is[1] as i64),
+        ori_shape: (os[0] as i64, os[1] as i64),
+        scale_factor: (sf[0], sf[1]),
+    };
+    let mut times = Vec::new();
+    let mut n = 0;
+    for _ in 0..runs + 1 {
+        let t = std::time::Instant::now();
+        let d = tch::no_grad(|| det.predict(&inp["image"], std::slice::from_ref(&meta)));
+        times.push(t.elapsed().as_secs_f64());
+        n = d[0].boxes.size()[0];
+    }
+    let mut t = times[1..].to_vec();
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!("{:.4} {n}", t[t.len() / 2]);
+}
