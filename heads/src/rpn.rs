@@ -313,8 +313,8 @@ pub fn smooth_l1(diff: &Tensor, beta: f64) -> Tensor {
     if beta <= 0.0 {
         return d;
     }
-    d.lt(beta)
-        .where_self(&(d.square() * (0.5 / beta)), &(&d - 0.5 * beta))
+    // torch.where(d < beta, 0.5 * d^2 / beta, d - 0.5 * beta)
+    (d.square() * (0.5 / beta)).where_self(&d.lt(beta), &(&d - 0.5 * beta))
 }
 
 #[cfg(test)]
