@@ -105,7 +105,31 @@ fn same_proposals_detections_and_masks_as_mmdet() {
             assert_eq!(p.size(), e.size(), "image {i}: proposal count");
             let d = max_abs(p, e);
             println!("image {i}: {} proposals, max |diff| {d:.2e}", p.size()[0]);
-            assert!(d < 1e-3, "image {i}: proposals differ by {d}");
+            // Proposals with equal scores may come in either order (the sort is not stable
+            // across CPUs' kernels): a row that differs must equal a reference row of the same
+            // score.
+            let rowd = (p.to_kind(Kind::Double) - e.to_kind(Kind::Double))
+                .abs()
+                .amax([1i64].as_slice(), false);
+            let bad = rowd.gt(1e-3).nonzero().view([-1]);
+            for k in 0..bad.size()[0] {
+                let r = p.get(bad.int64_value(&[k]));
+                let same_score = (e.select(1, 4) - r.double_value(&[4])).abs().lt(1e-6);
+                let cands = e.index_select(0, &same_score.nonzero().view([-1]));
+                let best = (cands - &r).abs().amax([1i64].as_slice(), false).min();
+                assert!(
+                    best.double_value(&[]) < 1e-3,
+                    "image {i}: proposal {r:?} has no reference row of the same score"
+                );
+            }
+            assert!(
+                bad.size()[0] <= 4,
+                "image {i}: {} proposals out of place",
+                bad.size()[0]
+            );
+            if bad.size()[0] > 0 {
+                println!("  {} tied proposals in the other order", bad.size()[0]);
+            }
         }
         let dets = det.predict_from_proposals(&feats, &props, &c.metas);
         for (i, d) in dets.iter().enumerate() {
