@@ -18,7 +18,7 @@ use tch::{Device, Tensor};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Model preset (`mask_rcnn_convnext_tiny_3x`, or an `upernet_*` segmentor).
+    /// Model preset: a Mask R-CNN or Cascade Mask R-CNN detector, or an `upernet_*` segmentor (see `cnx presets`).
     #[arg(long)]
     pub preset: String,
     /// Checkpoint (mmdet/mmseg .pth, or safetensors from `cnx convert`).
