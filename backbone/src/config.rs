@@ -77,6 +77,15 @@ impl BackboneConfig {
         })
     }
 
+    /// The comparison backbone `name` (Swin / ResNet / ResNeXt) with stochastic depth
+    /// `drop_path`; `None` for `convnext*` names, which their callers build from depths/dims.
+    pub fn named(name: &str, drop_path: f64) -> Result<Option<Self>, UnknownBackbone> {
+        if name.starts_with("convnext") {
+            return Ok(None);
+        }
+        Ok(Some(Self::by_name(name)?.with_drop_path(drop_path)))
+    }
+
     /// Channels of the returned feature maps (what the FPN / UperNet laterals take).
     pub fn out_channels(&self) -> Vec<i64> {
         match self {

@@ -37,11 +37,13 @@ pub struct BackboneCfg {
 impl BackboneCfg {
     /// The backbone to build (ConvNeXt returns all four stages through `norm{i}`).
     pub fn dense(&self) -> Result<BackboneConfig, HeadsError> {
-        match &self.name {
-            Some(n) if !n.starts_with("convnext") => Ok(BackboneConfig::by_name(n)
-                .map_err(|e| HeadsError::Config(e.to_string()))?
-                .with_drop_path(self.drop_path_rate)),
-            _ => Ok(BackboneConfig::ConvNeXt(
+        let named = match &self.name {
+            Some(n) => BackboneConfig::named(n, self.drop_path_rate)
+                .map_err(|e| HeadsError::Config(e.to_string()))?,
+            None => None,
+        };
+        Ok(named.unwrap_or_else(|| {
+            BackboneConfig::ConvNeXt(
                 ConvNeXtConfig {
                     depths: self.depths.clone(),
                     dims: self.dims.clone(),
@@ -50,8 +52,8 @@ impl BackboneCfg {
                 .with_drop_path(self.drop_path_rate)
                 .with_layer_scale(self.layer_scale_init_value)
                 .dense(&[0, 1, 2, 3]),
-            )),
-        }
+            )
+        }))
     }
 
     /// Build it under `p` with its family's initialisation. Panics on an unknown `name`; configs

@@ -56,12 +56,9 @@ impl BackboneSpec {
     /// The named (non-ConvNeXt) backbone, if this spec is one.
     pub fn named(&self) -> Result<Option<BackboneConfig>, SegError> {
         match &self.name {
-            Some(n) if !n.starts_with("convnext") => Ok(Some(
-                BackboneConfig::by_name(n)
-                    .map_err(|e| SegError::Config(e.to_string()))?
-                    .with_drop_path(self.drop_path_rate),
-            )),
-            _ => Ok(None),
+            Some(n) => BackboneConfig::named(n, self.drop_path_rate)
+                .map_err(|e| SegError::Config(e.to_string())),
+            None => Ok(None),
         }
     }
 

@@ -2,6 +2,7 @@
 //! tables, see shared/spec/recipes.md), plus the small demo presets `make demo` trains on CPU.
 
 use super::config::*;
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 /// What the paper reports for a preset's row.
@@ -37,7 +38,7 @@ enum Recipe {
 #[derive(Debug, Clone)]
 pub struct Preset {
     pub name: &'static str,
-    pub description: &'static str,
+    pub description: Cow<'static, str>,
     pub paper: PaperNumbers,
     build: Recipe,
 }
@@ -117,7 +118,7 @@ fn comparison_presets() -> Vec<Preset> {
             );
             Preset {
                 name: p.name,
-                description: Box::leak(desc.into_boxed_str()),
+                description: Cow::Owned(desc),
                 paper,
                 build: Recipe::Comparison(p.name),
             }
@@ -157,7 +158,7 @@ pub fn all() -> Vec<Preset> {
     vec![
         Preset {
             name: "mask_rcnn_convnext_tiny_3x",
-            description: "Mask R-CNN, ConvNeXt-T (IN-1K), COCO 3x",
+            description: Cow::Borrowed("Mask R-CNN, ConvNeXt-T (IN-1K), COCO 3x"),
             paper: Coco {
                 box_ap: 46.2,
                 mask_ap: 41.7,
@@ -168,7 +169,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_tiny_3x",
-            description: "Cascade Mask R-CNN, ConvNeXt-T (IN-1K), COCO 3x",
+            description: Cow::Borrowed("Cascade Mask R-CNN, ConvNeXt-T (IN-1K), COCO 3x"),
             paper: Coco {
                 box_ap: 50.4,
                 mask_ap: 43.7,
@@ -179,7 +180,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_small_3x",
-            description: "Cascade Mask R-CNN, ConvNeXt-S (IN-1K), COCO 3x",
+            description: Cow::Borrowed("Cascade Mask R-CNN, ConvNeXt-S (IN-1K), COCO 3x"),
             paper: Coco {
                 box_ap: 51.9,
                 mask_ap: 45.0,
@@ -190,7 +191,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_base_3x",
-            description: "Cascade Mask R-CNN, ConvNeXt-B (IN-1K), COCO 3x",
+            description: Cow::Borrowed("Cascade Mask R-CNN, ConvNeXt-B (IN-1K), COCO 3x"),
             paper: Coco {
                 box_ap: 52.7,
                 mask_ap: 45.6,
@@ -201,7 +202,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_base_3x_in22k",
-            description: "Cascade Mask R-CNN, ConvNeXt-B (IN-22K), COCO 3x",
+            description: Cow::Borrowed("Cascade Mask R-CNN, ConvNeXt-B (IN-22K), COCO 3x"),
             paper: Coco {
                 box_ap: 54.0,
                 mask_ap: 46.9,
@@ -212,7 +213,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_large_3x_in22k",
-            description: "Cascade Mask R-CNN, ConvNeXt-L (IN-22K), COCO 3x",
+            description: Cow::Borrowed("Cascade Mask R-CNN, ConvNeXt-L (IN-22K), COCO 3x"),
             paper: Coco {
                 box_ap: 54.8,
                 mask_ap: 47.6,
@@ -223,7 +224,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_xlarge_3x_in22k",
-            description: "Cascade Mask R-CNN, ConvNeXt-XL (IN-22K), COCO 3x",
+            description: Cow::Borrowed("Cascade Mask R-CNN, ConvNeXt-XL (IN-22K), COCO 3x"),
             paper: Coco {
                 box_ap: 55.2,
                 mask_ap: 47.7,
@@ -234,7 +235,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "upernet_convnext_tiny_512_160k",
-            description: "UperNet, ConvNeXt-T (IN-1K), ADE20K 512x512 160k",
+            description: Cow::Borrowed("UperNet, ConvNeXt-T (IN-1K), ADE20K 512x512 160k"),
             paper: Ade {
                 miou_ss: 46.0,
                 miou_ms: 46.7,
@@ -245,7 +246,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "upernet_convnext_small_512_160k",
-            description: "UperNet, ConvNeXt-S (IN-1K), ADE20K 512x512 160k",
+            description: Cow::Borrowed("UperNet, ConvNeXt-S (IN-1K), ADE20K 512x512 160k"),
             paper: Ade {
                 miou_ss: 48.7,
                 miou_ms: 49.6,
@@ -256,7 +257,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "upernet_convnext_base_512_160k",
-            description: "UperNet, ConvNeXt-B (IN-1K), ADE20K 512x512 160k",
+            description: Cow::Borrowed("UperNet, ConvNeXt-B (IN-1K), ADE20K 512x512 160k"),
             paper: Ade {
                 miou_ss: 49.1,
                 miou_ms: 49.9,
@@ -267,7 +268,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "upernet_convnext_base_640_160k_in22k",
-            description: "UperNet, ConvNeXt-B (IN-22K), ADE20K 640x640 160k",
+            description: Cow::Borrowed("UperNet, ConvNeXt-B (IN-22K), ADE20K 640x640 160k"),
             paper: Ade {
                 miou_ss: 52.6,
                 miou_ms: 53.1,
@@ -278,7 +279,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "upernet_convnext_large_640_160k_in22k",
-            description: "UperNet, ConvNeXt-L (IN-22K), ADE20K 640x640 160k",
+            description: Cow::Borrowed("UperNet, ConvNeXt-L (IN-22K), ADE20K 640x640 160k"),
             paper: Ade {
                 miou_ss: 53.2,
                 miou_ms: 53.7,
@@ -289,7 +290,7 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "upernet_convnext_xlarge_640_160k_in22k",
-            description: "UperNet, ConvNeXt-XL (IN-22K), ADE20K 640x640 160k",
+            description: Cow::Borrowed("UperNet, ConvNeXt-XL (IN-22K), ADE20K 640x640 160k"),
             paper: Ade {
                 miou_ss: 53.6,
                 miou_ms: 54.0,
@@ -300,13 +301,17 @@ pub fn all() -> Vec<Preset> {
         },
         Preset {
             name: "demo_mask_rcnn_convnext_nano",
-            description: "demo: tiny ConvNeXt Mask R-CNN on synthetic COCO-format shapes (CPU)",
+            description: Cow::Borrowed(
+                "demo: tiny ConvNeXt Mask R-CNN on synthetic COCO-format shapes (CPU)",
+            ),
             paper: None,
             build: Recipe::Fn(demo_det),
         },
         Preset {
             name: "demo_upernet_convnext_nano",
-            description: "demo: tiny ConvNeXt UperNet on synthetic ADE-format scenes (CPU)",
+            description: Cow::Borrowed(
+                "demo: tiny ConvNeXt UperNet on synthetic ADE-format scenes (CPU)",
+            ),
             paper: None,
             build: Recipe::Fn(demo_seg),
         },
