@@ -10,4 +10,5 @@ pub mod flops;
 pub mod nn;
 pub mod resnet;
 pub mod roadmap;
+pub mod runtime;
 pub mod swin;

@@ -1,18 +1,35 @@
-//! Times `Detector::predict` of ConvNeXt-T Mask R-CNN on one preprocessed image (for
-//! bench/detection.sh): `bench_detect DIR THREADS RUNS` with DIR from `bench/detection.py prepare`.
-//! Prints the median seconds and the number of detections.
-use cnx_heads::{Detector, DetectorConfig, ImgMeta};
+//! Times `predict` of a ConvNeXt-T detector on one preprocessed image (for bench/detection.sh):
+//! `bench_detect ARCH DIR THREADS RUNS`, ARCH `mask_rcnn` or `cascade`, DIR from
+//! `bench/detection.py prepare ARCH DIR`. Prints the median seconds and the number of detections.
+use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
+use cnx_heads::{Detections, Detector, DetectorConfig, ImgMeta};
 use std::collections::HashMap;
 use tch::{nn::VarStore, Device, Tensor};
 
+/// `predict` of either detector.
+type Predict = Box<dyn Fn(&Tensor, &[ImgMeta]) -> Vec<Detections>>;
+
 fn main() {
+    cnx_backbone::runtime::prefer_huge_pages(); // as the cnx binary does
     let a: Vec<String> = std::env::args().collect();
-    let (dir, threads, runs): (&str, i32, usize) =
-        (&a[1], a[2].parse().unwrap(), a[3].parse().unwrap());
+    let (arch, dir, threads, runs): (&str, &str, i32, usize) =
+        (&a[1], &a[2], a[3].parse().unwrap(), a[4].parse().unwrap());
     tch::set_num_threads(threads);
-    let cfg = DetectorConfig::preset("mask_rcnn_convnext_tiny_3x").unwrap();
     let mut vs = VarStore::new(Device::Cpu);
-    let det = Detector::new(&vs.root(), &cfg);
+    // Both architectures share the input and timing; only the network differs.
+    let predict: Predict = match arch {
+        "mask_rcnn" => {
+            let cfg = DetectorConfig::preset("mask_rcnn_convnext_tiny_3x").unwrap();
+            let det = Detector::new(&vs.root(), &cfg);
+            Box::new(move |x, m| det.predict(x, m))
+        }
+        "cascade" => {
+            let cfg = CascadeConfig::preset("cascade_mask_rcnn_convnext_tiny_3x").unwrap();
+            let det = CascadeDetector::new(&vs.root(), &cfg);
+            Box::new(move |x, m| det.predict(x, m))
+        }
+        other => panic!("unknown ARCH {other:?} (mask_rcnn | cascade)"),
+    };
     cnx_heads::weights::load_checkpoint(&mut vs, format!("{dir}/weights.safetensors"), false)
         .unwrap();
     let inp: HashMap<String, Tensor> = Tensor::read_safetensors(format!("{dir}/input.safetensors"))
@@ -30,7 +47,7 @@ fn main() {
     let mut n = 0;
     for _ in 0..runs + 1 {
         let t = std::time::Instant::now();
-        let d = det.predict(&inp["image"], std::slice::from_ref(&meta));
+        let d = tch::no_grad(|| predict(&inp["image"], std::slice::from_ref(&meta)));
         times.push(t.elapsed().as_secs_f64());
         n = d[0].boxes.size()[0];
     }

@@ -40,8 +40,9 @@ impl ConvModule {
     }
 
     /// `train` selects batch statistics (and running-stat updates) vs running statistics.
+    /// ReLU in place, as mmcv's (BatchNorm's backward does not need its output).
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.bn.forward_t(&self.conv.forward(xs), train).relu()
+        self.bn.forward_t(&self.conv.forward(xs), train).relu_()
     }
 }
 

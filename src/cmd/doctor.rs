@@ -17,6 +17,9 @@ struct Report {
     /// Full build string of the linked PyTorch ("2.11.0+cu130").
     torch_build: String,
     cpu_threads: i32,
+    /// libtorch's CPU allocator asks for transparent huge pages (`THP_MEM_ALLOC_ENABLE`; cnx
+    /// sets it unless the user did).
+    cpu_huge_pages: bool,
     cuda_available: bool,
     cudnn_available: bool,
     devices: Vec<String>,
@@ -31,6 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         torch: build.split('+').next().unwrap_or(&build).to_string(),
         torch_build: build.clone(),
         cpu_threads: tch::get_num_threads(),
+        cpu_huge_pages: std::env::var("THP_MEM_ALLOC_ENABLE").is_ok_and(|v| v == "1"),
         cuda_available: cuda,
         cudnn_available: cuda && tch::Cuda::cudnn_is_available(),
         devices: (0..n).map(|i| device_name(i as i32)).collect(),
@@ -42,6 +46,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("cnx          {}", report.cnx);
     println!("libtorch     {}", report.torch_build);
     println!("cpu threads  {}", report.cpu_threads);
+    println!(
+        "huge pages   {}",
+        if report.cpu_huge_pages {
+            "on (THP_MEM_ALLOC_ENABLE=1)"
+        } else {
+            "off (THP_MEM_ALLOC_ENABLE=0)"
+        }
+    );
     println!(
         "cuda         {}",
         if cuda { "available" } else { "not available" }
