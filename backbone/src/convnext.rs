@@ -107,6 +107,25 @@ impl ConvNeXtConfig {
         }
     }
 
+    /// The dense backbone of a detector or segmentor config: this shape (any depths / dims, the
+    /// rest as `tiny`), stochastic depth, layer-scale init, the given output stages.
+    pub fn dense_backbone(
+        depths: &[i64],
+        dims: &[i64],
+        drop_path_rate: f64,
+        layer_scale_init_value: f64,
+        out_indices: &[usize],
+    ) -> Self {
+        Self {
+            depths: depths.to_vec(),
+            dims: dims.to_vec(),
+            ..Self::tiny()
+        }
+        .with_drop_path(drop_path_rate)
+        .with_layer_scale(layer_scale_init_value)
+        .dense(out_indices)
+    }
+
     /// Builder: classifier with `n` classes (1000 for ImageNet-1k, 21841 for ImageNet-22k).
     pub fn with_classes(mut self, n: i64) -> Self {
         self.num_classes = n;

@@ -43,16 +43,13 @@ impl BackboneCfg {
             None => None,
         };
         Ok(named.unwrap_or_else(|| {
-            BackboneConfig::ConvNeXt(
-                ConvNeXtConfig {
-                    depths: self.depths.clone(),
-                    dims: self.dims.clone(),
-                    ..ConvNeXtConfig::tiny()
-                }
-                .with_drop_path(self.drop_path_rate)
-                .with_layer_scale(self.layer_scale_init_value)
-                .dense(&[0, 1, 2, 3]),
-            )
+            BackboneConfig::ConvNeXt(ConvNeXtConfig::dense_backbone(
+                &self.depths,
+                &self.dims,
+                self.drop_path_rate,
+                self.layer_scale_init_value,
+                &[0, 1, 2, 3],
+            ))
         }))
     }
 

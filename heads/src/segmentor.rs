@@ -76,14 +76,13 @@ impl BackboneSpec {
     }
 
     pub fn to_convnext(&self) -> ConvNeXtConfig {
-        ConvNeXtConfig {
-            depths: self.depths.clone(),
-            dims: self.dims.clone(),
-            ..ConvNeXtConfig::tiny()
-        }
-        .with_drop_path(self.drop_path_rate)
-        .with_layer_scale(self.layer_scale_init_value)
-        .dense(&self.out_indices)
+        ConvNeXtConfig::dense_backbone(
+            &self.depths,
+            &self.dims,
+            self.drop_path_rate,
+            self.layer_scale_init_value,
+            &self.out_indices,
+        )
     }
 
     /// Output channels of the dense backbone, finest first.
