@@ -70,24 +70,45 @@ impl AnchorGenerator {
     }
 
     /// Valid flags (h*w*A) of one level: a cell is valid when it lies within
-    /// `ceil(img / stride)` of the unpadded image (mmdet `valid_flags`).
+    /// `ceil(pad / stride)` of the image's own padded shape (mmdet 2.28's `valid_flags` on
+    /// `pad_shape`): cells that exist only because a larger image widened the batch are invalid.
     pub fn valid_flags(
         &self,
         level: usize,
         feat: (i64, i64),
-        img_hw: (i64, i64),
+        pad_hw: (i64, i64),
         device: Device,
     ) -> Tensor {
         let s = self.strides[level];
-        let vh = ((img_hw.0 + s - 1) / s).min(feat.0);
-        let vw = ((img_hw.1 + s - 1) / s).min(feat.1);
-        let opts = (Kind::Bool, device);
+        let vh = ((pad_hw.0 + s - 1) / s).min(feat.0);
+        let vw = ((pad_hw.1 + s - 1) / s).min(feat.1);
         let fx = Tensor::arange(feat.1, (Kind::Int64, device)).lt(vw);
         let fy = Tensor::arange(feat.0, (Kind::Int64, device)).lt(vh);
         let v = fy.unsqueeze(1).logical_and(&fx.unsqueeze(0)).reshape([-1]);
-        let _ = opts;
         v.unsqueeze(1)
             .expand([feat.0 * feat.1, self.num_anchors()], false)
             .reshape([-1])
     }
+}
+
+/// mmdet's `anchor_inside_flags`: with `allowed_border >= 0` an anchor is kept for target
+/// assignment only when it lies inside the (unpadded) image `img_hw` widened by the border;
+/// a negative border keeps every valid anchor (Mask R-CNN's `allowed_border = -1`; Cascade's
+/// config uses 0).
+pub fn inside_flags(
+    anchors: &Tensor,
+    valid: &Tensor,
+    img_hw: (i64, i64),
+    allowed_border: f64,
+) -> Tensor {
+    if allowed_border < 0.0 {
+        return valid.shallow_clone();
+    }
+    let (h, w) = (img_hw.0 as f64, img_hw.1 as f64);
+    let b = allowed_border;
+    valid
+        .logical_and(&anchors.select(1, 0).ge(-b))
+        .logical_and(&anchors.select(1, 1).ge(-b))
+        .logical_and(&anchors.select(1, 2).lt(w + b))
+        .logical_and(&anchors.select(1, 3).lt(h + b))
 }

@@ -179,6 +179,8 @@ impl CascadeConfig {
         base.rpn.train_proposals = ProposalCfg::train(2000);
         // mmdet's cascade_mask_rcnn_r50_fpn base config: RPN SmoothL1 (beta 1/9), not L1.
         base.rpn.smooth_l1_beta = 1.0 / 9.0;
+        // ... and `allowed_border = 0`: anchors crossing the image border are not assigned.
+        base.rpn.allowed_border = 0.0;
         base.roi.assigner = MaxIoUAssigner::rcnn(0.5);
         Ok(Self {
             base,
@@ -272,10 +274,7 @@ impl CascadeDetector {
         let b = &cfg.base;
         let c = b.neck.out_channels;
         let neck = Fpn::new(&(root / "neck"), &chans, c, b.neck.num_outs);
-        let mut rpn = RpnHead::new(&(root / "rpn_head"), c, b.rpn.anchors.clone());
-        rpn.assigner = b.rpn.assigner.clone();
-        rpn.sampler = b.rpn.sampler.clone();
-        rpn.smooth_l1_beta = b.rpn.smooth_l1_beta;
+        let rpn = b.rpn.build(&(root / "rpn_head"), c);
         let r = &b.roi;
         let bbox_heads = (0..cfg.stages.len())
             .map(|i| {
@@ -350,9 +349,10 @@ impl CascadeDetector {
     pub fn forward_train(&self, images: &Tensor, metas: &[ImgMeta], gts: &[GtInstances]) -> Losses {
         let feats = self.features(images, true);
         let shapes: Vec<(i64, i64)> = metas.iter().map(|m| m.img_shape).collect();
+        let pads: Vec<(i64, i64)> = metas.iter().map(|m| m.pad_shape).collect();
         let gt_boxes: Vec<Tensor> = gts.iter().map(|g| g.boxes.to_kind(Kind::Float)).collect();
         let rpn_out = self.rpn.forward(&feats);
-        let (loss_rpn_cls, loss_rpn_bbox) = self.rpn.loss(&rpn_out, &shapes, &gt_boxes);
+        let (loss_rpn_cls, loss_rpn_bbox) = self.rpn.loss(&rpn_out, &shapes, &pads, &gt_boxes);
         let mut proposals: Vec<Tensor> = self
             .rpn
             .proposals(&rpn_out, &shapes, &self.config.base.rpn.train_proposals)

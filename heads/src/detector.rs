@@ -90,6 +90,26 @@ pub struct RpnCfg {
     /// Box loss: L1 when 0 (Mask R-CNN), SmoothL1 with this beta otherwise (Cascade: 1/9).
     #[serde(default)]
     pub smooth_l1_beta: f64,
+    /// mmdet's `train_cfg.rpn.allowed_border`: -1 keeps anchors crossing the image border
+    /// (Mask R-CNN), 0 leaves them unassigned (Cascade).
+    #[serde(default = "RpnCfg::keep_border_anchors")]
+    pub allowed_border: f64,
+}
+
+impl RpnCfg {
+    fn keep_border_anchors() -> f64 {
+        -1.0
+    }
+
+    /// The RPN head these settings describe, under `p` with `channels` input channels.
+    pub fn build(&self, p: &Path, channels: i64) -> RpnHead {
+        let mut rpn = RpnHead::new(p, channels, self.anchors.clone());
+        rpn.assigner = self.assigner.clone();
+        rpn.sampler = self.sampler.clone();
+        rpn.smooth_l1_beta = self.smooth_l1_beta;
+        rpn.allowed_border = self.allowed_border;
+        rpn
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +169,7 @@ impl DetectorConfig {
                 train_proposals: ProposalCfg::train(1000),
                 test_proposals: ProposalCfg::test(),
                 smooth_l1_beta: 0.0,
+                allowed_border: -1.0,
             },
             roi: RoiHeadCfg {
                 num_classes: 80,
@@ -198,6 +219,8 @@ impl DetectorConfig {
 pub struct ImgMeta {
     /// (h, w) after resize, before padding.
     pub img_shape: (i64, i64),
+    /// (h, w) after padding this image alone to the size divisor (mmdet's `pad_shape`).
+    pub pad_shape: (i64, i64),
     /// (h, w) of the original image.
     pub ori_shape: (i64, i64),
     /// (w_scale, h_scale) of the resize.
@@ -208,10 +231,17 @@ impl From<&cnx_datasets::ImageMeta> for ImgMeta {
     fn from(m: &cnx_datasets::ImageMeta) -> Self {
         Self {
             img_shape: (m.img_shape.0 as i64, m.img_shape.1 as i64),
+            pad_shape: (m.pad_shape.0 as i64, m.pad_shape.1 as i64),
             ori_shape: (m.ori_shape.0 as i64, m.ori_shape.1 as i64),
             scale_factor: m.scale_factor,
         }
     }
+}
+
+/// `(h, w)` padded up to a multiple of `divisor` (the data pipeline's `Pad(size_divisor)`).
+pub fn pad_shape(hw: (i64, i64), divisor: i64) -> (i64, i64) {
+    let up = |x: i64| (x + divisor - 1) / divisor * divisor;
+    (up(hw.0), up(hw.1))
 }
 
 impl ImgMeta {
@@ -307,10 +337,7 @@ impl Detector {
         let chans = backbone.out_channels();
         let c = cfg.neck.out_channels;
         let neck = Fpn::new(&(root / "neck"), &chans, c, cfg.neck.num_outs);
-        let mut rpn = RpnHead::new(&(root / "rpn_head"), c, cfg.rpn.anchors.clone());
-        rpn.assigner = cfg.rpn.assigner.clone();
-        rpn.sampler = cfg.rpn.sampler.clone();
-        rpn.smooth_l1_beta = cfg.rpn.smooth_l1_beta;
+        let rpn = cfg.rpn.build(&(root / "rpn_head"), c);
         let r = &cfg.roi;
         let bbox_head = Shared2FcBoxHead::new(
             &(root / "roi_head" / "bbox_head"),
@@ -380,9 +407,10 @@ impl Detector {
         let feats = self.features(images, true);
         tick("features");
         let shapes: Vec<(i64, i64)> = metas.iter().map(|m| m.img_shape).collect();
+        let pads: Vec<(i64, i64)> = metas.iter().map(|m| m.pad_shape).collect();
         let gt_boxes: Vec<Tensor> = gts.iter().map(|g| g.boxes.to_kind(Kind::Float)).collect();
         let rpn_out = self.rpn.forward(&feats);
-        let (loss_rpn_cls, loss_rpn_bbox) = self.rpn.loss(&rpn_out, &shapes, &gt_boxes);
+        let (loss_rpn_cls, loss_rpn_bbox) = self.rpn.loss(&rpn_out, &shapes, &pads, &gt_boxes);
         tick("rpn loss");
         let proposals = self
             .rpn

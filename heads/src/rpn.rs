@@ -51,6 +51,27 @@ pub struct RpnHead {
     /// Box regression loss: L1 when 0 (mmdet's Mask R-CNN RPN), SmoothL1 with this beta otherwise
     /// (mmdet's Cascade configs: 1/9).
     pub smooth_l1_beta: f64,
+    /// mmdet's `train_cfg.rpn.allowed_border`: anchors crossing the image border by more than
+    /// this are not assigned (Cascade: 0); negative keeps them all (Mask R-CNN: -1).
+    pub allowed_border: f64,
+}
+
+/// Per-anchor RPN training targets of a batch, concatenated image after image (anchors in the
+/// head's level, y, x, anchor order).
+#[derive(Debug)]
+pub struct RpnTargets {
+    /// 1 for positives, 0 otherwise.
+    pub labels: Tensor,
+    /// 1 for sampled anchors (positive or negative), 0 for unsampled, invalid or outside ones.
+    pub label_weights: Tensor,
+    /// Encoded box deltas (positives only; zeros elsewhere).
+    pub bbox_targets: Tensor,
+    /// 1 on positives' four coordinates.
+    pub bbox_weights: Tensor,
+    /// Anchors that took part in assignment (valid and inside the allowed border).
+    pub inside: Tensor,
+    /// Sampled anchors over the batch: the loss's averaging factor.
+    pub num_samples: i64,
 }
 
 /// Per-level raw outputs: objectness logits (N,A,H,W) and deltas (N,4A,H,W).
@@ -80,6 +101,7 @@ impl RpnHead {
             assigner: MaxIoUAssigner::rpn(),
             sampler: RandomSampler::rpn(),
             smooth_l1_beta: 0.0,
+            allowed_border: -1.0,
         };
         for c in [&s.conv, &s.cls, &s.reg] {
             crate::init::normal(c.weight(), c.bias(), 0.01);
@@ -190,24 +212,28 @@ impl RpnHead {
             .collect()
     }
 
-    /// RPN losses `(loss_rpn_cls, loss_rpn_bbox)` for GT boxes per image (crowd excluded).
-    pub fn loss(
+    /// Training targets (mmdet `AnchorHead.get_targets`): valid flags from each image's padded
+    /// shape, the allowed-border rule on its unpadded shape, max-IoU assignment and sampling.
+    /// `img_shapes` / `pad_shapes` are each image's (h, w) before and after its own padding.
+    pub fn targets(
         &self,
         out: &RpnOutputs,
         img_shapes: &[(i64, i64)],
+        pad_shapes: &[(i64, i64)],
         gt_boxes: &[Tensor],
-    ) -> (Tensor, Tensor) {
+    ) -> RpnTargets {
         let anchors = self.level_anchors(out);
         let device = out.cls[0].device();
         let all_anchors = Tensor::cat(&anchors, 0);
-        let n = out.cls[0].size()[0];
+        let n = out.cls[0].size()[0] as usize;
         let mut labels_all = Vec::new();
         let mut lw_all = Vec::new();
         let mut tgt_all = Vec::new();
         let mut bw_all = Vec::new();
+        let mut inside_all = Vec::new();
         let mut num_samples = 0i64;
         for i in 0..n {
-            let (labels, lw, tgt, bw) = tch::no_grad(|| {
+            let (labels, lw, tgt, bw, inside) = tch::no_grad(|| {
                 let valid: Vec<Tensor> = out
                     .cls
                     .iter()
@@ -216,15 +242,21 @@ impl RpnHead {
                         self.anchors.valid_flags(
                             l,
                             (c.size()[2], c.size()[3]),
-                            img_shapes[i as usize],
+                            pad_shapes[i],
                             device,
                         )
                     })
                     .collect();
                 let valid = Tensor::cat(&valid, 0);
-                let vidx = valid.nonzero().view([-1]);
+                let inside = crate::anchors::inside_flags(
+                    &all_anchors,
+                    &valid,
+                    img_shapes[i],
+                    self.allowed_border,
+                );
+                let vidx = inside.nonzero().view([-1]);
                 let anc = all_anchors.index_select(0, &vidx);
-                let gt = &gt_boxes[i as usize];
+                let gt = &gt_boxes[i];
                 let gl = Tensor::zeros([gt.size()[0]], (Kind::Int64, device));
                 let assign = self.assigner.assign(&anc, gt, &gl);
                 let s = self.sampler.sample(&assign, &anc, gt, &gl);
@@ -257,6 +289,7 @@ impl RpnHead {
                     unmap(&lw, 0.0),
                     unmap(&tgt, 0.0),
                     unmap(&bw, 0.0),
+                    inside,
                 )
             });
             num_samples += i64::try_from(lw.gt(0.0).sum(Kind::Int64)).unwrap_or(0);
@@ -264,8 +297,30 @@ impl RpnHead {
             lw_all.push(lw);
             tgt_all.push(tgt);
             bw_all.push(bw);
+            inside_all.push(inside);
         }
-        let avg = num_samples.max(1) as f64;
+        RpnTargets {
+            labels: Tensor::cat(&labels_all, 0),
+            label_weights: Tensor::cat(&lw_all, 0),
+            bbox_targets: Tensor::cat(&tgt_all, 0),
+            bbox_weights: Tensor::cat(&bw_all, 0),
+            inside: Tensor::cat(&inside_all, 0),
+            num_samples,
+        }
+    }
+
+    /// RPN losses `(loss_rpn_cls, loss_rpn_bbox)` for GT boxes per image (crowd excluded); the
+    /// shapes are as in [`RpnHead::targets`].
+    pub fn loss(
+        &self,
+        out: &RpnOutputs,
+        img_shapes: &[(i64, i64)],
+        pad_shapes: &[(i64, i64)],
+        gt_boxes: &[Tensor],
+    ) -> (Tensor, Tensor) {
+        let t = self.targets(out, img_shapes, pad_shapes, gt_boxes);
+        let n = out.cls[0].size()[0];
+        let avg = t.num_samples.max(1) as f64;
         // Predictions in the anchors' order: per image, per level (H, W, A).
         let cls_pred: Vec<Tensor> = (0..n)
             .map(|i| {
@@ -291,10 +346,7 @@ impl RpnHead {
             .collect();
         let cls_pred = Tensor::cat(&cls_pred, 0);
         let reg_pred = Tensor::cat(&reg_pred, 0);
-        let labels = Tensor::cat(&labels_all, 0);
-        let lw = Tensor::cat(&lw_all, 0);
-        let tgt = Tensor::cat(&tgt_all, 0);
-        let bw = Tensor::cat(&bw_all, 0);
+        let (labels, lw, tgt, bw) = (t.labels, t.label_weights, t.bbox_targets, t.bbox_weights);
         let loss_cls = cls_pred.binary_cross_entropy_with_logits::<Tensor>(
             &labels,
             Some(lw),

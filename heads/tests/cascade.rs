@@ -97,6 +97,7 @@ fn case() -> Case {
         let ori = im["ori_shape"].as_array().unwrap();
         metas.push(ImgMeta {
             img_shape: (h, w),
+            pad_shape: cnx_heads::detector::pad_shape((h, w), 32),
             ori_shape: (ori[0].as_i64().unwrap(), ori[1].as_i64().unwrap()),
             scale_factor: (
                 sf[0].as_f64().unwrap() as f32,
@@ -202,6 +203,7 @@ fn cascade_train_step_losses() {
     let metas = vec![
         ImgMeta {
             img_shape: (128, 160),
+            pad_shape: cnx_heads::detector::pad_shape((128, 160), 32),
             ori_shape: (128, 160),
             scale_factor: (1.0, 1.0),
         };

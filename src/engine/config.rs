@@ -164,9 +164,19 @@ pub struct OptimizerConfig {
     pub base_batch_size: usize,
     /// Apply the linear scaling rule above.
     pub scale_lr: bool,
-    /// Extra parameter-name substrings that get no weight decay (Swin: absolute_pos_embed, ...).
+    /// Parameter-name substrings that get no weight decay (the Swin configs' `custom_keys`
+    /// with `decay_mult = 0`: absolute_pos_embed, relative_position_bias_table, norm).
     #[serde(default)]
     pub no_decay_keys: Vec<String>,
+    /// 1-D parameters and biases get no weight decay (the ConvNeXt layer-decay constructor's
+    /// rule). False for the Swin configs' `DefaultOptimizerConstructor`, which decays them and
+    /// exempts only `no_decay_keys`.
+    #[serde(default = "yes")]
+    pub no_decay_1d_and_bias: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Learning-rate policy after warmup.
@@ -194,10 +204,13 @@ pub struct ScheduleConfig {
     pub min_lr: f64,
 }
 
-/// Mixed-precision mode on CUDA (CPU always runs fp32).
+/// Mixed-precision mode on CUDA (CPU always runs fp32). The official L/XL configs train in
+/// fp32 (`fp16` off), T/S/B in fp16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Amp {
+    /// Full precision; written `fp32` (`none` is read too).
+    #[serde(rename = "fp32", alias = "none")]
     None,
     Fp16,
     Bf16,

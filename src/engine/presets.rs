@@ -127,14 +127,16 @@ fn comparison_presets() -> Vec<Preset> {
 }
 
 /// A comparison row's config: the ConvNeXt-T recipe of the same architecture with the row's
-/// backbone and the Swin repo's optimizer (AdamW, no layer-wise decay, no weight decay on
-/// norms, `absolute_pos_embed` and `relative_position_bias_table`).
+/// backbone and the Swin repo's optimizer (AdamW, no layer-wise decay; mmcv's
+/// `DefaultOptimizerConstructor` with `custom_keys` `absolute_pos_embed`,
+/// `relative_position_bias_table` and `norm` at `decay_mult = 0`: every other parameter, biases
+/// and other 1-D ones included, is decayed).
 fn comparison(name: &str) -> Config {
     let p = cnx_backbone::config::comparison_preset(name).expect("a comparison row");
     let mut c = match p.arch {
         "upernet" => seg("tiny", p.crop as u32, p.lr, p.drop_path),
-        "mask_rcnn" => det(Arch::MaskRcnn, "tiny", p.lr, 1.0, p.drop_path),
-        _ => det(Arch::CascadeMaskRcnn, "tiny", p.lr, 1.0, p.drop_path),
+        "mask_rcnn" => det(Arch::MaskRcnn, "tiny", false, p.lr, 1.0, p.drop_path),
+        _ => det(Arch::CascadeMaskRcnn, "tiny", false, p.lr, 1.0, p.drop_path),
     };
     c.name = name.to_string();
     c.model.backbone.variant = p.backbone_name.to_string();
@@ -149,6 +151,7 @@ fn comparison(name: &str) -> Config {
         "relative_position_bias_table".into(),
         "norm".into(),
     ];
+    c.optimizer.no_decay_1d_and_bias = false;
     c
 }
 
@@ -165,7 +168,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 48.0,
                 flops_g: 262.0,
             },
-            build: Recipe::Fn(|| det(Arch::MaskRcnn, "tiny", 1e-4, 0.95, 0.4)),
+            build: Recipe::Fn(|| det(Arch::MaskRcnn, "tiny", false, 1e-4, 0.95, 0.4)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_tiny_3x",
@@ -176,7 +179,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 86.0,
                 flops_g: 741.0,
             },
-            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "tiny", 2e-4, 0.7, 0.4)),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "tiny", false, 2e-4, 0.7, 0.4)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_small_3x",
@@ -187,7 +190,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 108.0,
                 flops_g: 827.0,
             },
-            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "small", 2e-4, 0.7, 0.6)),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "small", false, 2e-4, 0.7, 0.6)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_base_3x",
@@ -198,7 +201,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 146.0,
                 flops_g: 964.0,
             },
-            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "base", 2e-4, 0.8, 0.7)),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "base", false, 2e-4, 0.8, 0.7)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_base_3x_in22k",
@@ -209,7 +212,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 146.0,
                 flops_g: 964.0,
             },
-            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "base", 1e-4, 0.8, 0.6)),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "base", true, 1e-4, 0.8, 0.6)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_large_3x_in22k",
@@ -220,7 +223,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 255.0,
                 flops_g: 1354.0,
             },
-            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "large", 1e-4, 0.7, 0.7)),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "large", true, 1e-4, 0.7, 0.7)),
         },
         Preset {
             name: "cascade_mask_rcnn_convnext_xlarge_3x_in22k",
@@ -231,7 +234,7 @@ pub fn all() -> Vec<Preset> {
                 params_m: 407.0,
                 flops_g: 1898.0,
             },
-            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "xlarge", 1e-4, 0.7, 0.8)),
+            build: Recipe::Fn(|| det(Arch::CascadeMaskRcnn, "xlarge", true, 1e-4, 0.7, 0.8)),
         },
         Preset {
             name: "upernet_convnext_tiny_512_160k",
@@ -393,14 +396,39 @@ fn coco_data() -> DataConfig {
     }
 }
 
-fn det(arch: Arch, size: &str, lr: f64, decay_rate: f64, drop_path: f64) -> Config {
+/// mmcv's `num_layers` of the layer-decay constructors in the official configs: 6 for T
+/// (`stages.2` has 9 blocks), 12 for the 27-block S, B, L and XL.
+fn decay_num_layers(size: &str) -> i64 {
+    if size == "tiny" {
+        6
+    } else {
+        12
+    }
+}
+
+/// Training precision of the official configs: fp32 for L and XL (`fp16` off), fp16 otherwise.
+fn recipe_amp(size: &str) -> Amp {
+    if matches!(size, "large" | "xlarge") {
+        Amp::None
+    } else {
+        Amp::Fp16
+    }
+}
+
+fn det(
+    arch: Arch,
+    size: &str,
+    in22k: bool,
+    lr: f64,
+    decay_rate: f64,
+    drop_path: f64,
+) -> Config {
     let cascade = arch == Arch::CascadeMaskRcnn;
     let prefix = if cascade {
         "cascade_mask_rcnn"
     } else {
         "mask_rcnn"
     };
-    let in22k = cascade && lr == 1e-4;
     Config {
         name: format!(
             "{prefix}_convnext_{size}_3x{}",
@@ -422,10 +450,11 @@ fn det(arch: Arch, size: &str, lr: f64, decay_rate: f64, drop_path: f64) -> Conf
             weight_decay: 0.05,
             decay_type: DecayType::LayerWise,
             decay_rate,
-            num_layers: 6,
+            num_layers: decay_num_layers(size),
             base_batch_size: 16,
             scale_lr: true,
             no_decay_keys: vec![],
+            no_decay_1d_and_bias: true,
         },
         schedule: ScheduleConfig {
             policy: Policy::Step,
@@ -443,7 +472,7 @@ fn det(arch: Arch, size: &str, lr: f64, decay_rate: f64, drop_path: f64) -> Conf
             checkpoint_interval: 7330,
             eval_interval: 7330 * 3,
             log_interval: 50,
-            amp: Amp::Fp16,
+            amp: recipe_amp(size),
             grad_accum: 1,
             clip_grad_norm: 0.0,
             seed: 0,
@@ -504,10 +533,11 @@ fn seg(size: &str, crop: u32, lr: f64, drop_path: f64) -> Config {
             weight_decay: 0.05,
             decay_type: DecayType::StageWise,
             decay_rate: 0.9,
-            num_layers: 6,
+            num_layers: decay_num_layers(size),
             base_batch_size: 16,
             scale_lr: true,
             no_decay_keys: vec![],
+            no_decay_1d_and_bias: true,
         },
         schedule: ScheduleConfig {
             policy: Policy::Poly,
@@ -524,7 +554,7 @@ fn seg(size: &str, crop: u32, lr: f64, drop_path: f64) -> Config {
             checkpoint_interval: 16_000,
             eval_interval: 16_000,
             log_interval: 50,
-            amp: Amp::Fp16,
+            amp: recipe_amp(size),
             grad_accum: 1,
             clip_grad_norm: 0.0,
             seed: 0,
@@ -539,7 +569,7 @@ fn seg(size: &str, crop: u32, lr: f64, drop_path: f64) -> Config {
 /// Demo detector: a "nano" ConvNeXt (depths 1,1,2,1, dims 16..128) with a 64-channel FPN at
 /// ~256 px, trained from scratch on CPU. Tuned so `make demo` shows learning in minutes.
 fn demo_det() -> Config {
-    let mut c = det(Arch::MaskRcnn, "tiny", 1e-4, 0.95, 0.0);
+    let mut c = det(Arch::MaskRcnn, "tiny", false, 1e-4, 0.95, 0.0);
     c.name = "demo_mask_rcnn_convnext_nano".into();
     c.model.backbone = BackboneConfig {
         variant: "convnext_nano_demo".into(),
@@ -694,6 +724,34 @@ mod tests {
         assert_eq!(s.data.crop_size, [640, 640]);
         assert_eq!(s.data.img_scale, [2560, 640]);
         assert!(find("mask_rcnn_convnext_huge").is_err());
+    }
+
+    /// The official L/XL configs train in fp32, T/S/B in fp16; `config show` prints it; layer
+    /// decay spans 12 layers for the 27-block variants and 6 for T.
+    #[test]
+    fn precision_and_decay_depth_follow_the_official_configs() {
+        let mut seen = 0;
+        for p in all().iter().filter(|p| p.name.contains("_convnext_")) {
+            if p.name.starts_with("demo_") {
+                continue;
+            }
+            let c = p.config();
+            let big = p.name.contains("_large_") || p.name.contains("_xlarge_");
+            let toml = c.to_toml().unwrap();
+            let want = if big { "amp = \"fp32\"" } else { "amp = \"fp16\"" };
+            assert!(toml.contains(want), "{}: {want} not in\n{toml}", p.name);
+            assert_eq!(c.runtime.amp, if big { Amp::None } else { Amp::Fp16 });
+            let tiny = p.name.contains("_tiny_");
+            assert_eq!(c.optimizer.num_layers, if tiny { 6 } else { 12 }, "{}", p.name);
+            seen += 1;
+        }
+        assert_eq!(seen, 13);
+        // Older files that wrote `amp = "none"` still read as fp32.
+        let mut c = find("demo_mask_rcnn_convnext_nano").unwrap().config();
+        c.runtime.amp = Amp::Fp16;
+        let old = c.to_toml().unwrap().replace("amp = \"fp16\"", "amp = \"none\"");
+        let back: Config = toml::from_str(&old).unwrap();
+        assert_eq!(back.runtime.amp, Amp::None);
     }
 
     #[test]

@@ -97,10 +97,11 @@ pub fn cascade_config(cfg: &Config) -> Result<CascadeConfig> {
         .as_ref()
         .ok_or_else(|| anyhow!("model.det missing"))?;
     let mut c = CascadeConfig::cascade_mask_rcnn_convnext("tiny").map_err(|e| anyhow!("{e}"))?;
-    // The Cascade base keeps its own RPN box loss (SmoothL1, beta 1/9).
-    let rpn_beta = c.base.rpn.smooth_l1_beta;
+    // The Cascade base keeps its own RPN training rules (SmoothL1 beta 1/9, allowed_border 0).
+    let (rpn_beta, rpn_border) = (c.base.rpn.smooth_l1_beta, c.base.rpn.allowed_border);
     c.base = base;
     c.base.rpn.smooth_l1_beta = rpn_beta;
+    c.base.rpn.allowed_border = rpn_border;
     for s in c.stages.iter_mut() {
         s.sampler.num = h.rcnn_train_num_rois;
         s.sampler.pos_fraction = h.rcnn_pos_fraction;
@@ -119,6 +120,28 @@ pub fn check_model(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Names and shapes of every trainable parameter of the model a config describes, in name
+/// order (what the optimizer's groups are built from); the model is built on the CPU and
+/// dropped, no data is read.
+pub fn trainable_parameters(cfg: &Config) -> Result<Vec<(String, Vec<i64>)>> {
+    let vs = nn::VarStore::new(Device::Cpu);
+    match cfg.model.arch {
+        Arch::Upernet => drop(
+            cnx_heads::segmentor::Segmentor::new_uninit(&vs.root(), &segmentor_config(cfg)?)
+                .map_err(|e| anyhow!("{e}"))?,
+        ),
+        _ => drop(DetModel::new(&vs.root(), cfg)?),
+    }
+    let mut v: Vec<(String, Vec<i64>)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(n, t)| (n, t.size()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// The two detectors behind one interface.
 enum DetModel {
     Mask(Box<Detector>),
@@ -126,6 +149,15 @@ enum DetModel {
 }
 
 impl DetModel {
+    fn new(root: &nn::Path, cfg: &Config) -> Result<Self> {
+        Ok(match cfg.model.arch {
+            Arch::CascadeMaskRcnn => {
+                DetModel::Cascade(Box::new(CascadeDetector::new(root, &cascade_config(cfg)?)))
+            }
+            _ => DetModel::Mask(Box::new(Detector::new(root, &detector_config(cfg)?))),
+        })
+    }
+
     fn losses(&self, b: &DetBatch, d: Device) -> cnx_heads::Losses {
         match self {
             DetModel::Mask(m) => m.forward_train_batch(b, d),
@@ -300,13 +332,7 @@ impl DetTask {
         };
         let source = Arc::new(CocoTrain::new(train, pipeline));
         let vs = nn::VarStore::new(device);
-        let model = match cfg.model.arch {
-            Arch::CascadeMaskRcnn => DetModel::Cascade(Box::new(CascadeDetector::new(
-                &vs.root(),
-                &cascade_config(cfg)?,
-            ))),
-            _ => DetModel::Mask(Box::new(Detector::new(&vs.root(), &detector_config(cfg)?))),
-        };
+        let model = DetModel::new(&vs.root(), cfg)?;
         let loader_cfg = loader_config(cfg);
         let bs = cfg.data.batch_size;
         // Batches per epoch as the loader's group sampler makes them (per aspect group).
@@ -775,8 +801,10 @@ mod loss_term_tests {
         let c =
             cascade_config(&find("cascade_mask_rcnn_convnext_tiny_3x").unwrap().config()).unwrap();
         assert!((c.base.rpn.smooth_l1_beta - 1.0 / 9.0).abs() < 1e-12);
+        assert_eq!(c.base.rpn.allowed_border, 0.0);
         let m = detector_config(&find("mask_rcnn_convnext_tiny_3x").unwrap().config()).unwrap();
         assert_eq!(m.rpn.smooth_l1_beta, 0.0);
+        assert_eq!(m.rpn.allowed_border, -1.0);
         let c = cascade_config(&find("cascade_mask_rcnn_r50_3x").unwrap().config()).unwrap();
         assert_eq!(c.base.backbone.name.as_deref(), Some("resnet50"));
         let s =
