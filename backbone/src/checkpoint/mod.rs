@@ -1,6 +1,8 @@
 //! Loading the checkpoints people have: official ConvNeXt `.pth` files (`torch.save` zip archives
 //! with the state dict bare or under `model` / `state_dict`), timm-named weights (renamed to the
-//! official names on the fly), mmdet / mmseg whole-model checkpoints, and safetensors files.
+//! official names on the fly), mmdet / mmseg whole-model checkpoints, safetensors files, and
+//! `.pth` files in the legacy pre-1.6 `torch.save` format (open-mmlab's and torchvision's older
+//! ImageNet weights), told apart by their first bytes.
 //!
 //! [`read_state_dict`] turns any of them into a [`StateDict`]; [`load_into`] copies it into a
 //! [`VarStore`], strict by default, and reports missing, unexpected and mis-shaped tensors by name
@@ -13,7 +15,7 @@ pub mod pickle;
 use pickle::{TensorRef, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
@@ -33,8 +35,9 @@ pub enum CheckpointError {
         path: PathBuf,
         source: pickle::PickleError,
     },
-    #[error("{path}: unsupported legacy format (torch.save before 1.6, or _use_new_zipfile_serialization=False); re-save with torch>=1.6")]
-    Legacy { path: PathBuf },
+    /// A file in the legacy (pre-1.6, non-zip) `torch.save` format that cannot be read.
+    #[error("{path}: legacy torch.save format (torch < 1.6): {msg}")]
+    Legacy { path: PathBuf, msg: String },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
     #[error("{path}: safetensors: {msg}")]
@@ -251,8 +254,9 @@ fn strs(s: &[&str]) -> Vec<String> {
 }
 
 /// Reads a checkpoint file into a state dict (names as stored; see [`StateDict::to_official`]).
-/// Accepts `torch.save` zip archives (a bare state dict, or one under `model` / `state_dict`,
-/// other entries such as `optimizer` and `meta` ignored) and safetensors files.
+/// Accepts `torch.save` files, zip archives (torch >= 1.6) and the legacy format (torch < 1.6, or
+/// `_use_new_zipfile_serialization=False`), holding a bare state dict or one under `model` /
+/// `state_dict` (other entries such as `optimizer` and `meta` ignored), and safetensors files.
 pub fn read_state_dict(path: impl AsRef<Path>) -> Result<StateDict> {
     let path = path.as_ref();
     let io = |source| CheckpointError::Io {
@@ -271,13 +275,15 @@ pub fn read_state_dict(path: impl AsRef<Path>) -> Result<StateDict> {
         return read_safetensors(path);
     }
     if head.first() == Some(&0x80) {
-        return Err(CheckpointError::Legacy {
-            path: path.to_path_buf(),
-        });
+        // A pickle (PROTO opcode): the legacy format, which starts with torch's magic number;
+        // read_torch_legacy checks that.
+        return read_torch_legacy(path);
     }
     Err(CheckpointError::Format {
         path: path.to_path_buf(),
-        msg: "neither a torch.save zip archive nor a safetensors file".into(),
+        msg:
+            "neither a torch.save file (zip archive or legacy pickle stream) nor a safetensors file"
+                .into(),
     })
 }
 
@@ -352,38 +358,48 @@ fn read_torch_zip(path: &Path) -> Result<StateDict> {
         path: path.to_path_buf(),
         msg,
     };
-    let dict = find_state_dict(&top).ok_or_else(|| {
-        fmt_err(format!(
+    let entries = state_dict_entries(&top).map_err(fmt_err)?;
+    let mut storages: HashMap<String, Tensor> = HashMap::new();
+    let mut sd = StateDict::new();
+    for (name, tref) in &entries {
+        let t = materialize(&mut zip, &prefix, tref, &mut storages)
+            .map_err(|m| fmt_err(format!("'{name}': {m}")))?;
+        sd.insert(name.clone(), t);
+    }
+    Ok(sd)
+}
+
+/// The tensors of the state dict in an unpickled checkpoint (see [`find_state_dict`]), in file
+/// order; anything but string keys and tensor values is refused, naming the entry and what it is.
+fn state_dict_entries(top: &Value) -> std::result::Result<Vec<(String, TensorRef)>, String> {
+    let dict = find_state_dict(top).ok_or_else(|| {
+        format!(
             "top-level object is a {}; expected a state dict (or a dict with one under 'model' / 'state_dict')",
             top.describe()
-        ))
+        )
     })?;
     let Value::Dict(entries) = dict else {
         unreachable!()
     };
-    let mut storages: HashMap<String, Tensor> = HashMap::new();
-    let mut sd = StateDict::new();
+    let mut out = Vec::new();
     for (k, v) in entries.borrow().iter() {
         let Some(name) = k.as_str() else {
-            return Err(fmt_err(format!(
+            return Err(format!(
                 "state dict key is a {}, expected a string",
                 k.describe()
-            )));
+            ));
         };
-        let tref = match v {
-            Value::Tensor(t) => t,
+        match v {
+            Value::Tensor(t) => out.push((name.to_string(), t.clone())),
             other => {
-                return Err(fmt_err(format!(
+                return Err(format!(
                     "state dict entry '{name}' is a {}, expected a tensor (torch._utils._rebuild_tensor_v2)",
                     other.describe()
-                )))
+                ))
             }
-        };
-        let t = materialize(&mut zip, &prefix, tref, &mut storages)
-            .map_err(|m| fmt_err(format!("'{name}': {m}")))?;
-        sd.insert(name, t);
+        }
     }
-    Ok(sd)
+    Ok(out)
 }
 
 /// The state dict inside a checkpoint: under `state_dict` or `model` if those hold dicts,
@@ -432,35 +448,307 @@ fn materialize<R: Read + std::io::Seek>(
         }
         storages.insert(t.storage_key.clone(), s);
     }
-    let s = &storages[&t.storage_key];
+    cut_view(&storages[&t.storage_key], t)
+}
+
+/// The tensor `t` describes, out of its storage `s` (a 1-d tensor of the storage's elements).
+fn cut_view(s: &Tensor, t: &TensorRef) -> std::result::Result<Tensor, String> {
+    if s.kind() != t.kind || s.numel() as i64 != t.storage_numel {
+        return Err(format!(
+            "storage {} holds {} elements of {:?}, the tensor expects {} of {:?}",
+            t.storage_key,
+            s.numel(),
+            s.kind(),
+            t.storage_numel,
+            t.kind
+        ));
+    }
+    // A legacy storage view shifts the origin and narrows the bounds.
+    let (base, extent) = match t.view {
+        Some(v) => (v.offset, v.numel),
+        None => (0, t.storage_numel),
+    };
     // Bounds check before as_strided (libtorch would check too, but with a less useful message).
     let numel: i64 = t.size.iter().product();
     if numel > 0 {
-        if t.stride.iter().any(|&s| s < 0) {
-            return Err("negative strides".into());
+        if t.stride.iter().any(|&s| s < 0) || t.size.iter().any(|&n| n < 0) {
+            return Err("negative sizes or strides".into());
         }
-        let last = t.offset
-            + t.size
-                .iter()
-                .zip(&t.stride)
-                .map(|(n, s)| (n - 1) * s)
-                .sum::<i64>();
-        if t.offset < 0 || last >= t.storage_numel {
+        let last = t
+            .size
+            .iter()
+            .zip(&t.stride)
+            .try_fold(t.offset, |acc, (n, s)| {
+                (n - 1).checked_mul(*s).and_then(|d| acc.checked_add(d))
+            });
+        if t.offset < 0 || last.is_none_or(|l| l >= extent) {
             return Err(format!(
-                "view (offset {}, size {:?}, stride {:?}) exceeds its storage of {} elements",
-                t.offset, t.size, t.stride, t.storage_numel
+                "view (offset {}, size {:?}, stride {:?}) exceeds its storage{} of {} elements",
+                t.offset,
+                t.size,
+                t.stride,
+                if t.view.is_some() { " view" } else { "" },
+                extent
             ));
         }
     }
-    let whole = t.offset == 0 && numel == t.storage_numel && is_contiguous(&t.size, &t.stride);
+    let whole =
+        base == 0 && t.offset == 0 && numel == t.storage_numel && is_contiguous(&t.size, &t.stride);
     if whole {
         return Ok(s.view(t.size.as_slice()));
     }
     // A view into a shared storage: copy it out so each tensor owns just its elements.
     Ok(
-        s.as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset)
+        s.as_strided(t.size.as_slice(), t.stride.as_slice(), base + t.offset)
             .contiguous(),
     )
+}
+
+/// `torch.serialization.MAGIC_NUMBER` (0x1950a86a20f9469cfc6c) as pickle's LONG1 stores it.
+const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+/// `torch.serialization.PROTOCOL_VERSION`.
+const LEGACY_PROTOCOL: i64 = 1001;
+
+/// The pickles at the head of a legacy file, checked.
+struct LegacyHead {
+    top: Value,
+    storages: BTreeMap<String, pickle::StorageDecl>,
+    /// Storage keys in the order their bytes follow the pickles.
+    keys: Vec<String>,
+    /// Where the first storage starts.
+    data_start: u64,
+}
+
+enum LegacyHeadError {
+    /// The pickle named `which` is malformed, or the bytes read so far end inside it.
+    Pickle {
+        which: &'static str,
+        err: pickle::PickleError,
+    },
+    Bad(String),
+    /// A pickle, but not one `torch.save` wrote (no magic number).
+    NotTorch(String),
+}
+
+/// Reads the five pickles `torch.serialization._legacy_save` writes: the magic number, the
+/// protocol version, `sys_info`, the object itself (storages as persistent ids) and the list of
+/// storage keys in the order of the storage bytes that follow.
+fn parse_legacy_head(buf: &[u8]) -> std::result::Result<LegacyHead, LegacyHeadError> {
+    use LegacyHeadError::{Bad, NotTorch, Pickle};
+    let read = |which: &'static str, at: usize| {
+        pickle::unpickle_at(buf, at).map_err(|err| Pickle { which, err })
+    };
+    let magic = read("the magic number", 0)?;
+    match &magic.value {
+        Value::BigInt(b) if b.as_slice() == LEGACY_MAGIC => {}
+        other => {
+            return Err(NotTorch(format!(
+                "not a torch.save file: a pickle that starts with a {} instead of torch's magic number 0x1950a86a20f9469cfc6c",
+                other.describe()
+            )))
+        }
+    }
+    let proto = read("the protocol version", magic.end)?;
+    if proto.value.as_int() != Some(LEGACY_PROTOCOL) {
+        let got = match &proto.value {
+            Value::Int(i) => i.to_string(),
+            other => format!("a {}", other.describe()),
+        };
+        return Err(Bad(format!(
+            "protocol version {got}, expected {LEGACY_PROTOCOL}"
+        )));
+    }
+    let sys_info = read("sys_info", proto.end)?;
+    match sys_info.value.get("little_endian") {
+        Some(Value::Bool(true)) => {}
+        Some(Value::Bool(false)) => {
+            return Err(Bad(
+                "big-endian checkpoint (sys_info little_endian=False) is not supported".into(),
+            ))
+        }
+        _ => {
+            return Err(Bad(format!(
+                "sys_info is a {} without a little_endian flag",
+                sys_info.value.describe()
+            )))
+        }
+    }
+    let obj = read("the checkpoint object", sys_info.end)?;
+    let keys_pkl = read("the storage key list", obj.end)?;
+    let Value::List(list) = &keys_pkl.value else {
+        return Err(Bad(format!(
+            "storage key list is a {}, expected a list",
+            keys_pkl.value.describe()
+        )));
+    };
+    let mut keys = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for k in list.borrow().iter() {
+        let Some(k) = k.as_str() else {
+            return Err(Bad(format!(
+                "storage key list holds a {}, expected strings",
+                k.describe()
+            )));
+        };
+        if !obj.storages.contains_key(k) {
+            return Err(Bad(format!(
+                "storage key list names '{k}', which no tensor or storage in the checkpoint uses"
+            )));
+        }
+        if !seen.insert(k.to_string()) {
+            return Err(Bad(format!("storage key list names '{k}' twice")));
+        }
+        keys.push(k.to_string());
+    }
+    if let Some(k) = obj.storages.keys().find(|k| !seen.contains(k.as_str())) {
+        return Err(Bad(format!(
+            "storage '{k}' is used but its data is not in the file (not in the storage key list)"
+        )));
+    }
+    Ok(LegacyHead {
+        top: obj.value,
+        storages: obj.storages,
+        keys,
+        data_start: keys_pkl.end as u64,
+    })
+}
+
+/// Reads a legacy-format `torch.save` file: the pickles first (from a prefix of the file that
+/// grows until they parse, so the storage bytes are read once, straight into tensors), then the
+/// storages in the listed order, each an 8-byte little-endian element count and the raw
+/// little-endian elements (`storage._write_file` / `_set_from_file`).
+fn read_torch_legacy(path: &Path) -> Result<StateDict> {
+    let io = |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bad = |msg: String| CheckpointError::Legacy {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut want = len.min(1 << 20);
+    let head = loop {
+        let have = buf.len();
+        buf.resize(want as usize, 0);
+        let n = read_up_to(&mut file, &mut buf[have..]).map_err(io)?;
+        buf.truncate(have + n);
+        match parse_legacy_head(&buf) {
+            Ok(h) => break h,
+            // torch's magic number is a 15-byte pickle: a first pickle this long is something else
+            // (no need to read all of it to say so).
+            Err(LegacyHeadError::Pickle {
+                which: "the magic number",
+                err,
+            }) if err.truncated && buf.len() >= 4096 => return Err(CheckpointError::Format {
+                path: path.to_path_buf(),
+                msg:
+                    "not a torch.save file: a pickle that does not start with torch's magic number"
+                        .into(),
+            }),
+            Err(LegacyHeadError::Pickle { err, .. })
+                if err.truncated && (buf.len() as u64) < len && n > 0 =>
+            {
+                want = len.min(want.saturating_mul(4));
+            }
+            Err(LegacyHeadError::Pickle { which, err }) if err.truncated => {
+                return Err(bad(format!(
+                    "truncated file: it ends at byte {} inside the pickle of {which}",
+                    buf.len()
+                )))
+            }
+            Err(LegacyHeadError::Pickle { which, err }) => {
+                return Err(CheckpointError::Pickle {
+                    path: path.to_path_buf(),
+                    source: pickle::PickleError {
+                        msg: format!("{} (in the pickle of {which})", err.msg),
+                        ..err
+                    },
+                })
+            }
+            Err(LegacyHeadError::Bad(msg)) => return Err(bad(msg)),
+            Err(LegacyHeadError::NotTorch(msg)) => {
+                return Err(CheckpointError::Format {
+                    path: path.to_path_buf(),
+                    msg,
+                })
+            }
+        }
+    };
+    drop(buf);
+    let entries = state_dict_entries(&head.top).map_err(|msg| CheckpointError::Format {
+        path: path.to_path_buf(),
+        msg,
+    })?;
+    let needed: std::collections::HashSet<&str> = entries
+        .iter()
+        .map(|(_, t)| t.storage_key.as_str())
+        .collect();
+
+    // Walk every storage (checking counts and the file length even for the ones no state-dict
+    // tensor uses, e.g. optimizer state), reading the needed ones.
+    let mut storages: HashMap<String, Tensor> = HashMap::new();
+    let mut pos = head.data_start;
+    let total = head.keys.len();
+    for (i, key) in head.keys.iter().enumerate() {
+        let decl = head.storages[key];
+        let which = format!("storage '{key}' ({} of {total}, {:?})", i + 1, decl.kind);
+        if len.saturating_sub(pos) < 8 {
+            return Err(bad(format!(
+                "truncated file: {which} needs an 8-byte element count at byte {pos}, only {} bytes available",
+                len.saturating_sub(pos)
+            )));
+        }
+        let mut count = [0u8; 8];
+        file.seek(SeekFrom::Start(pos)).map_err(io)?;
+        file.read_exact(&mut count).map_err(io)?;
+        let count = i64::from_le_bytes(count);
+        if count != decl.numel {
+            return Err(bad(format!(
+                "{which}: the file says {count} elements, its persistent id says {}",
+                decl.numel
+            )));
+        }
+        let elt = decl.kind.elt_size_in_bytes() as u64;
+        let nbytes = (decl.numel as u64)
+            .checked_mul(elt)
+            .ok_or_else(|| bad(format!("{which}: {} elements overflow", decl.numel)))?;
+        pos += 8;
+        let available = len - pos;
+        if available < nbytes {
+            return Err(bad(format!(
+                "truncated file: {which} needs {nbytes} bytes ({} elements) at byte {pos}, only {available} available",
+                decl.numel
+            )));
+        }
+        if needed.contains(key.as_str()) {
+            let s = Tensor::empty([decl.numel], (decl.kind, tch::Device::Cpu));
+            if nbytes > 0 {
+                // SAFETY: `s` is a freshly allocated contiguous CPU tensor of exactly `nbytes`
+                // bytes, and nothing else references it yet.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(s.data_ptr() as *mut u8, nbytes as usize)
+                };
+                file.read_exact(dst)
+                    .map_err(|e| bad(format!("reading {which}: {e}")))?;
+            }
+            storages.insert(key.clone(), s);
+        }
+        pos += nbytes;
+    }
+    // Bytes after the last storage are ignored, as torch.load ignores them.
+    let mut sd = StateDict::new();
+    for (name, tref) in &entries {
+        let t =
+            cut_view(&storages[&tref.storage_key], tref).map_err(|m| CheckpointError::Format {
+                path: path.to_path_buf(),
+                msg: format!("'{name}': {m}"),
+            })?;
+        sd.insert(name.clone(), t);
+    }
+    Ok(sd)
 }
 
 fn is_contiguous(size: &[i64], stride: &[i64]) -> bool {

@@ -1,5 +1,7 @@
-//! A small pickle reader for `torch.save` checkpoints (zip format, pickle protocol 2 as torch
-//! writes it, plus the protocol-4 framing opcodes for files re-pickled elsewhere).
+//! A small pickle reader for `torch.save` checkpoints (pickle protocol 2 as torch writes it, plus
+//! the protocol-4 framing opcodes for files re-pickled elsewhere and the byte-string opcodes of
+//! files written under Python 2). It serves both the zip format (one `data.pkl`) and the legacy
+//! pre-1.6 format (several pickles back to back on one stream, see [`unpickle_at`]).
 //!
 //! libtorch's own loaders do not read Python pickles, and serde-pickle lacks the persistent-id
 //! opcodes torch uses for tensor storages, hence this module. It evaluates the opcode stream into
@@ -9,7 +11,7 @@
 //! optimizer state) but refused — with the file and the global named — where a tensor is needed.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use tch::Kind;
 
@@ -19,19 +21,40 @@ use tch::Kind;
 pub struct PickleError {
     pub pos: usize,
     pub msg: String,
+    /// The data ended inside the pickle: more bytes might complete it. The legacy reader reads a
+    /// file's pickles from a growing prefix of it and uses this to know when to read more.
+    pub truncated: bool,
 }
 
 /// A tensor as the pickle describes it: a view (`offset`, `size`, `stride` in elements) into a
-/// storage whose bytes live in the archive under `data/<key>`.
+/// storage whose bytes live in the archive under `data/<key>` (zip format) or after the pickles
+/// (legacy format).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorRef {
     pub storage_key: String,
     pub kind: Kind,
     /// Elements in the storage (from the persistent id).
     pub storage_numel: i64,
+    /// Elements, relative to the start of `view` when there is one.
     pub offset: i64,
     pub size: Vec<i64>,
     pub stride: Vec<i64>,
+    /// Legacy files only: the tensor lives in a view (a slice) of the storage.
+    pub view: Option<StorageView>,
+}
+
+/// A slice of a storage (legacy format's `view_metadata`): `numel` elements from `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageView {
+    pub offset: i64,
+    pub numel: i64,
+}
+
+/// A storage as a persistent id declared it: element type and number of elements.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StorageDecl {
+    pub kind: Kind,
+    pub numel: i64,
 }
 
 /// A pickled value. Lists and dicts are shared (`Rc<RefCell<..>>`) as in Python, because the
@@ -55,11 +78,13 @@ pub enum Value {
         module: String,
         name: String,
     },
-    /// A storage from a persistent id: `('storage', torch.FloatStorage, key, location, numel)`.
+    /// A storage from a persistent id: `('storage', torch.FloatStorage, key, location, numel)`,
+    /// in legacy files with a sixth entry `view_metadata` (`None` or `(view_key, offset, numel)`).
     Storage {
         kind: Kind,
         key: String,
         numel: i64,
+        view: Option<StorageView>,
     },
     Tensor(TensorRef),
     /// Any other object: its class, constructor arguments and `BUILD` state, kept opaque.
@@ -152,11 +177,28 @@ enum Item {
 
 /// Evaluates a pickle byte stream and returns the unpickled top value.
 pub fn unpickle(data: &[u8]) -> Result<Value, PickleError> {
+    unpickle_at(data, 0).map(|u| u.value)
+}
+
+/// One pickle read from `data[start..]` (a stream may hold several back to back, as legacy
+/// `torch.save` files do).
+#[derive(Debug)]
+pub struct Unpickled {
+    pub value: Value,
+    /// Byte position just after the pickle's STOP opcode.
+    pub end: usize,
+    /// Every storage a persistent id declared, by key.
+    pub storages: BTreeMap<String, StorageDecl>,
+}
+
+/// Evaluates the pickle starting at `data[start]`. Error positions are positions in `data`.
+pub fn unpickle_at(data: &[u8], start: usize) -> Result<Unpickled, PickleError> {
     Machine {
         data,
-        pos: 0,
+        pos: start,
         stack: Vec::new(),
         memo: HashMap::new(),
+        storages: BTreeMap::new(),
     }
     .run()
 }
@@ -166,6 +208,7 @@ struct Machine<'a> {
     pos: usize,
     stack: Vec<Item>,
     memo: HashMap<u32, Value>,
+    storages: BTreeMap<String, StorageDecl>,
 }
 
 impl Machine<'_> {
@@ -173,12 +216,25 @@ impl Machine<'_> {
         Err(PickleError {
             pos: self.pos,
             msg: msg.into(),
+            truncated: false,
+        })
+    }
+
+    /// The data ends before the pickle does.
+    fn eof<T>(&self, msg: impl Into<String>) -> Result<T, PickleError> {
+        Err(PickleError {
+            pos: self.pos,
+            msg: msg.into(),
+            truncated: true,
         })
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8], PickleError> {
-        if self.pos + n > self.data.len() {
-            return self.err(format!("truncated: needed {n} bytes"));
+        if n > self.data.len() - self.pos {
+            return self.eof(format!(
+                "truncated: needed {n} bytes, {} left",
+                self.data.len() - self.pos
+            ));
         }
         let s = &self.data[self.pos..self.pos + n];
         self.pos += n;
@@ -201,7 +257,7 @@ impl Machine<'_> {
     fn line(&mut self) -> Result<String, PickleError> {
         let start = self.pos;
         let Some(n) = self.data[start..].iter().position(|&b| b == b'\n') else {
-            return self.err("unterminated text line");
+            return self.eof("unterminated text line");
         };
         self.pos = start + n + 1;
         Ok(String::from_utf8_lossy(&self.data[start..start + n]).into_owned())
@@ -212,6 +268,16 @@ impl Machine<'_> {
         match String::from_utf8(b) {
             Ok(s) => Ok(Value::Str(s)),
             Err(_) => self.err("invalid UTF-8 in string"),
+        }
+    }
+
+    /// A Python 2 `str` (SHORT_BINSTRING / BINSTRING): decoded as UTF-8, as `torch.load` does by
+    /// default (`encoding='utf-8'`).
+    fn py2_str(&mut self, n: usize) -> Result<Value, PickleError> {
+        let b = self.take(n)?.to_vec();
+        match String::from_utf8(b) {
+            Ok(s) => Ok(Value::Str(s)),
+            Err(_) => self.err("Python 2 string is not valid UTF-8"),
         }
     }
 
@@ -234,6 +300,7 @@ impl Machine<'_> {
             _ => Err(PickleError {
                 pos,
                 msg: "stack underflow".into(),
+                truncated: false,
             }),
         }
     }
@@ -270,7 +337,7 @@ impl Machine<'_> {
         Ok(())
     }
 
-    fn run(mut self) -> Result<Value, PickleError> {
+    fn run(mut self) -> Result<Unpickled, PickleError> {
         loop {
             let op_pos = self.pos;
             let op = self.u8()?;
@@ -286,7 +353,15 @@ impl Machine<'_> {
                     // FRAME: only a hint for buffered readers.
                     self.u64()?;
                 }
-                b'.' => return self.pop(), // STOP
+                b'.' => {
+                    // STOP
+                    let value = self.pop()?;
+                    return Ok(Unpickled {
+                        value,
+                        end: self.pos,
+                        storages: self.storages,
+                    });
+                }
                 b'}' => self.push(Value::Dict(Rc::default())),
                 b']' => self.push(Value::List(Rc::default())),
                 b')' => self.push(Value::Tuple(Vec::new())),
@@ -304,6 +379,16 @@ impl Machine<'_> {
                 0x8d => {
                     let n = self.u64()? as usize;
                     let v = self.utf8(n)?;
+                    self.push(v)
+                }
+                b'U' => {
+                    let n = self.u8()? as usize;
+                    let v = self.py2_str(n)?;
+                    self.push(v)
+                }
+                b'T' => {
+                    let n = self.u32()? as usize;
+                    let v = self.py2_str(n)?;
                     self.push(v)
                 }
                 b'B' => {
@@ -503,17 +588,27 @@ impl Machine<'_> {
         }
     }
 
-    /// `('storage', <StorageType>, key, location, numel)` → [`Value::Storage`].
-    fn persistent(&self, pid: Value) -> Result<Value, PickleError> {
+    /// `('storage', <StorageType>, key, location, numel)` (zip format) or the same with a sixth
+    /// entry `view_metadata` (legacy format) → [`Value::Storage`], recorded in `self.storages`.
+    fn persistent(&mut self, pid: Value) -> Result<Value, PickleError> {
         let Value::Tuple(t) = pid else {
             return self.err(format!(
                 "persistent id is a {}, expected a tuple",
                 pid.describe()
             ));
         };
-        if t.len() < 5 || t[0].as_str() != Some("storage") {
-            return self
-                .err("persistent id is not a ('storage', type, key, location, numel) tuple");
+        if t.first().and_then(Value::as_str) == Some("module") {
+            // torch.save(model) of a whole nn.Module (legacy format) records the class sources.
+            let class = t.get(1).map(Value::describe).unwrap_or_default();
+            return self.err(format!(
+                "persistent id ('module', {class}, ...): a pickled nn.Module, not a state dict; \
+                 save model.state_dict() instead"
+            ));
+        }
+        if !(t.len() == 5 || t.len() == 6) || t[0].as_str() != Some("storage") {
+            return self.err(
+                "persistent id is not a ('storage', type, key, location, numel[, view]) tuple",
+            );
         }
         let kind = match &t[1] {
             Value::Global { module, name } if module == "torch" => match storage_kind(name) {
@@ -527,10 +622,58 @@ impl Machine<'_> {
             Value::Int(i) => i.to_string(),
             other => return self.err(format!("storage key is a {}", other.describe())),
         };
-        let Some(numel) = t[4].as_int() else {
-            return self.err("storage size is not an int");
+        if !matches!(t[3], Value::Str(_)) {
+            return self.err(format!(
+                "storage {key}: location is a {}, expected a string",
+                t[3].describe()
+            ));
+        }
+        let numel = match t[4] {
+            Value::Int(n) if n >= 0 => n,
+            _ => return self.err(format!("storage {key}: size is not a non-negative int")),
         };
-        Ok(Value::Storage { kind, key, numel })
+        let view = match t.get(5) {
+            None | Some(Value::None) => None,
+            Some(Value::Tuple(v)) if v.len() == 3 => match (v[1].as_int(), v[2].as_int()) {
+                (Some(offset), Some(n))
+                    if offset >= 0
+                        && n >= 0
+                        && offset.checked_add(n).is_some_and(|e| e <= numel) =>
+                {
+                    Some(StorageView { offset, numel: n })
+                }
+                _ => {
+                    return self.err(format!(
+                    "storage {key}: view (offset, size) outside its {numel} elements or malformed"
+                ))
+                }
+            },
+            Some(other) => {
+                return self.err(format!(
+                    "storage {key}: view metadata is a {}, expected None or (key, offset, size)",
+                    other.describe()
+                ))
+            }
+        };
+        let decl = StorageDecl { kind, numel };
+        match self.storages.get(&key) {
+            Some(d) if *d != decl => {
+                return self.err(format!(
+                    "storage {key} declared twice: {:?} x {} and {:?} x {}",
+                    d.kind, d.numel, kind, numel
+                ))
+            }
+            Some(_) => {}
+            None => {
+                self.storages.insert(key.clone(), decl);
+            }
+        }
+        Ok(Value::Storage {
+            kind,
+            key,
+            numel,
+            view,
+        })
     }
 
     /// REDUCE / NEWOBJ: the torch rebuild functions and OrderedDict are understood; anything else
@@ -540,9 +683,16 @@ impl Machine<'_> {
             return Err(PickleError {
                 pos: op_pos,
                 msg: format!("REDUCE on a {}", func.describe()),
+                truncated: false,
             });
         };
-        let fail = |msg: String| Err(PickleError { pos: op_pos, msg });
+        let fail = |msg: String| {
+            Err(PickleError {
+                pos: op_pos,
+                msg,
+                truncated: false,
+            })
+        };
         let args_vec = match &args {
             Value::Tuple(v) => v.clone(),
             _ => Vec::new(),
@@ -565,7 +715,13 @@ impl Machine<'_> {
                 if args_vec.len() < 4 {
                     return fail(format!("{module}.{name} with {} arguments", args_vec.len()));
                 }
-                let Value::Storage { kind, key, numel } = &args_vec[0] else {
+                let Value::Storage {
+                    kind,
+                    key,
+                    numel,
+                    view,
+                } = &args_vec[0]
+                else {
                     return fail(format!(
                         "{module}.{name}: first argument is a {}, expected a storage",
                         args_vec[0].describe()
@@ -590,6 +746,7 @@ impl Machine<'_> {
                     offset,
                     size,
                     stride,
+                    view: *view,
                 }))
             }
             ("torch._utils", "_rebuild_parameter")
@@ -686,6 +843,79 @@ mod tests {
     fn unknown_opcode_is_named() {
         let e = unpickle(&[0x80, 2, 0xff]).unwrap_err();
         assert!(e.msg.contains("0xff"), "{e}");
+    }
+
+    #[test]
+    fn python2_strings_and_pickles_back_to_back() {
+        // Python 2's protocol 2: ('ab', 'é') as SHORT_BINSTRING and BINSTRING, then a second
+        // pickle (BININT2 1001) on the same stream.
+        let mut p: Vec<u8> = vec![0x80, 2, b'U', 2, b'a', b'b', b'T', 2, 0, 0, 0, 0xc3, 0xa9];
+        p.extend([0x86, b'.', 0x80, 2, b'M', 0xe9, 0x03, b'.']);
+        let first = unpickle_at(&p, 0).unwrap();
+        let Value::Tuple(t) = &first.value else {
+            panic!("{:?}", first.value)
+        };
+        assert_eq!((t[0].as_str(), t[1].as_str()), (Some("ab"), Some("é")));
+        assert_eq!(first.end, 15);
+        let second = unpickle_at(&p, first.end).unwrap();
+        assert_eq!(second.value.as_int(), Some(1001));
+        assert_eq!(second.end, p.len());
+    }
+
+    #[test]
+    fn running_out_of_data_is_flagged_as_truncation() {
+        let p = [0x80, 2, b'X', 5, 0, 0, 0, b'a', b'b'];
+        let e = unpickle(&p).unwrap_err();
+        assert!(e.truncated, "{e}");
+        assert!(unpickle(&[0x80, 2, b'K']).unwrap_err().truncated);
+        assert!(unpickle(&[0x80, 2, b'N']).unwrap_err().truncated); // no STOP
+        assert!(!unpickle(&[0x80, 2, 0xff]).unwrap_err().truncated);
+    }
+
+    /// `('storage', torch.<ty>, key, 'cpu', numel[, view])` wrapped in BINPERSID.
+    fn storage_pid(ty: &str, key: &str, numel: u8, view: Option<(u8, u8)>) -> Vec<u8> {
+        let mut p = vec![0x80, 2, b'(', b'X', 7, 0, 0, 0];
+        p.extend(b"storage");
+        p.extend(format!("ctorch\n{ty}\n").bytes());
+        p.extend([b'X', key.len() as u8, 0, 0, 0]);
+        p.extend(key.bytes());
+        p.extend([b'X', 3, 0, 0, 0, b'c', b'p', b'u', b'K', numel]);
+        match view {
+            Some((o, n)) => p.extend([b'X', 1, 0, 0, 0, b'v', b'K', o, b'K', n, 0x87]),
+            None => p.push(b'N'),
+        }
+        p.extend([b't', b'Q', b'.']);
+        p
+    }
+
+    #[test]
+    fn storage_persistent_ids_and_views() {
+        let u = unpickle_at(&storage_pid("FloatStorage", "7", 10, Some((2, 5))), 0).unwrap();
+        let Value::Storage {
+            kind, numel, view, ..
+        } = u.value
+        else {
+            panic!("{:?}", u.value)
+        };
+        assert_eq!((kind, numel), (Kind::Float, 10));
+        assert_eq!(
+            view,
+            Some(StorageView {
+                offset: 2,
+                numel: 5
+            })
+        );
+        assert_eq!(
+            u.storages["7"],
+            StorageDecl {
+                kind: Kind::Float,
+                numel: 10
+            }
+        );
+        let e = unpickle(&storage_pid("FloatStorage", "7", 10, Some((8, 5)))).unwrap_err();
+        assert!(e.msg.contains("view"), "{e}");
+        let e = unpickle(&storage_pid("ComplexFloatStorage", "7", 1, None)).unwrap_err();
+        assert!(e.msg.contains("torch.ComplexFloatStorage"), "{e}");
     }
 
     #[test]
