@@ -2,27 +2,15 @@
 //! including their error messages for bad input (unknown model, unreadable image, a checkpoint
 //! of another model).
 
+mod common;
+use common::{cnx, stderr, stdout};
+
 use cnx_backbone::checkpoint::{self, StateDict};
 use cnx_backbone::convnext::{ConvNeXt, ConvNeXtConfig};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
 use std::sync::{Mutex, OnceLock};
 use tch::nn::VarStore;
-
-fn cnx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cnx"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run cnx")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn tmp_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

@@ -1,19 +1,8 @@
 //! `cnx config` as a user runs it: the precision each preset's config shows, and the optimizer
 //! groups of `cnx config groups` (text and `--json`), with its error for an unknown preset.
 
-use std::process::{Command, Output};
-
-fn cnx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cnx"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run cnx")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod common;
+use common::{cnx, stdout};
 
 #[test]
 fn config_show_says_fp32_for_large_and_xlarge_and_fp16_otherwise() {

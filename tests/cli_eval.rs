@@ -1,8 +1,11 @@
 //! `cnx eval coco` and `cnx eval seg` as a user runs them: output format, JSON, and a clear
 //! message plus a non-zero exit status for each kind of bad input.
 
+mod common;
+use common::{cnx, stderr, stdout};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
 use std::sync::OnceLock;
 
 use cnx_eval::coco::{self, CocoGt, IouType};
@@ -14,22 +17,6 @@ const GT: &str = concat!(
     "/../shared/data/coco-tiny/annotations/instances_train2017.json"
 );
 const ADE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/ade-sample");
-
-fn cnx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cnx"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run cnx")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn tmp_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
