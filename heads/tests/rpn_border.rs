@@ -40,7 +40,10 @@ fn valid_and_inside_flags_match_mmdet() {
     assert!(anchors.equal(&f["anchors"]));
     for (i, (img, pad)) in IMAGES.iter().enumerate() {
         let v = valid(&ag, *pad);
-        assert!(v.to_kind(Kind::Uint8).equal(&f[&format!("valid_{i}")]), "valid {i}");
+        assert!(
+            v.to_kind(Kind::Uint8).equal(&f[&format!("valid_{i}")]),
+            "valid {i}"
+        );
         for (b, key) in [(-1.0, "m1"), (0.0, "0"), (8.0, "8")] {
             let got = inside_flags(&anchors, &v, *img, b).to_kind(Kind::Uint8);
             let want = &f[&format!("inside_{i}_{key}")];
@@ -79,8 +82,14 @@ fn targets(rpn_cfg: &cnx_heads::detector::RpnCfg) -> RpnTargets {
 }
 
 fn both(f: &BTreeMap<String, Tensor>, key: &str) -> Tensor {
-    Tensor::cat(&[&f[&format!("inside_0_{key}")], &f[&format!("inside_1_{key}")]], 0)
-        .to_kind(Kind::Bool)
+    Tensor::cat(
+        &[
+            &f[&format!("inside_0_{key}")],
+            &f[&format!("inside_1_{key}")],
+        ],
+        0,
+    )
+    .to_kind(Kind::Bool)
 }
 
 #[test]
@@ -93,7 +102,10 @@ fn cascade_rpn_ignores_border_anchors_and_mask_rcnn_keeps_them() {
     assert_eq!(cascade.base.rpn.allowed_border, 0.0);
     let t = targets(&cascade.base.rpn);
     assert!(t.inside.equal(&both(&f, "0")), "cascade: inside flags");
-    let n = used(&t).logical_and(&crossing).sum(Kind::Int64).int64_value(&[]);
+    let n = used(&t)
+        .logical_and(&crossing)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
     assert_eq!(n, 0, "cascade assigned {n} anchors crossing the border");
     assert!(t.num_samples > 0);
 
@@ -101,6 +113,9 @@ fn cascade_rpn_ignores_border_anchors_and_mask_rcnn_keeps_them() {
     assert_eq!(mask.rpn.allowed_border, -1.0);
     let t = targets(&mask.rpn);
     assert!(t.inside.equal(&both(&f, "m1")), "mask r-cnn: inside flags");
-    let n = used(&t).logical_and(&crossing).sum(Kind::Int64).int64_value(&[]);
+    let n = used(&t)
+        .logical_and(&crossing)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
     assert!(n > 0, "mask r-cnn sampled no anchor crossing the border");
 }
