@@ -22,13 +22,11 @@ fn main() {
         println!("rpn {:.2}G", t.total / 1e9);
         let props = Tensor::randn([1000, 4], (Kind::Float, Device::Cpu));
         let rois = bbox2roi(&[&props]);
-        let bf = det.bbox_extractor.forward(&feats[..4], &rois);
-        let (_, t) = count(|| det.bbox_head.forward(&bf, false));
-        println!("bbox head {:.2}G {:?}", t.total / 1e9, t.by_kind);
-        let mf = det
-            .mask_extractor
-            .forward(&feats[..4], &rois.slice(0, 0, 100, 1));
-        let (_, t) = count(|| det.mask_head.as_ref().unwrap().forward(&mf));
-        println!("mask head {:.2}G {:?}", t.total / 1e9, t.by_kind);
+        let (_, t) = count(|| det.roi_head.forward_dummy(&feats, &rois));
+        println!(
+            "roi head (box + mask) {:.2}G {:?}",
+            t.total / 1e9,
+            t.by_kind
+        );
     });
 }

@@ -9,21 +9,20 @@ use crate::assigner::{MaxIoUAssigner, RandomSampler, SamplingResult};
 use crate::bbox_head::{self, BoxHead, RcnnTestCfg};
 use crate::boxes::bbox2roi;
 use crate::coder::DeltaXYWHCoder;
-use crate::detector::{
-    mask_targets, BackboneCfg, Detections, DetectorConfig, GtInstances, ImgMeta, Losses,
+use crate::detector::{BackboneCfg, Detections, DetectorConfig, GtInstances, ImgMeta};
+use crate::mask_head::FcnMaskHead;
+use crate::roi_head::{
+    assemble, box_detections, detection_masks, mask_loss, RoiExtractors, RoiHead,
 };
-use crate::fpn::Fpn;
-use crate::mask_head::{self, FcnMaskHead};
-use crate::roi_extractor::RoiExtractor;
-use crate::rpn::{ProposalCfg, RpnHead};
+use crate::rpn::ProposalCfg;
+use crate::two_stage::{DetectorSpec, TwoStageDetector};
 use crate::upernet::ConvModule;
 use crate::HeadsError;
-use cnx_backbone::dense::DenseBackbone;
 use cnx_backbone::nn::Linear;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tch::nn::{Module, Path};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// mmdet's `ConvFCBBoxHead` with shared convs (ConvModule: conv without bias → BN → ReLU) and
 /// shared fcs: `Shared4Conv1FCBBoxHead` in Cascade Mask R-CNN for ConvNeXt.
@@ -227,19 +226,6 @@ impl CascadeConfig {
     }
 }
 
-/// The assembled Cascade Mask R-CNN.
-#[derive(Debug)]
-pub struct CascadeDetector {
-    pub config: CascadeConfig,
-    pub backbone: Box<dyn DenseBackbone>,
-    pub neck: Fpn,
-    pub rpn: RpnHead,
-    pub bbox_extractor: RoiExtractor,
-    pub bbox_heads: Vec<ConvFcBoxHead>,
-    pub mask_extractor: RoiExtractor,
-    pub mask_heads: Vec<FcnMaskHead>,
-}
-
 /// `BBoxHead.regress_by_class`: apply each RoI's `labels` deltas from class-specific `reg`
 /// (R,4K) to `rois` (R,5), clipped to `img_shape`; returns new rois (R,5).
 pub fn regress_by_class(
@@ -264,23 +250,34 @@ pub fn regress_by_class(
     Tensor::cat(&[rois.slice(1, 0, 1, 1), b], 1)
 }
 
-impl CascadeDetector {
-    /// Build under `root`: `backbone.`, `neck.`, `rpn_head.`, `roi_head.bbox_head.{i}.`,
-    /// `roi_head.mask_head.{i}.`.
-    pub fn new(root: &Path, config: &CascadeConfig) -> Self {
-        let cfg = config.clone();
-        let backbone = cfg.base.backbone.build(&(root / "backbone"));
-        let chans = backbone.out_channels();
-        let b = &cfg.base;
-        let c = b.neck.out_channels;
-        let neck = Fpn::new(&(root / "neck"), &chans, c, b.neck.num_outs);
-        let rpn = b.rpn.build(&(root / "rpn_head"), c);
-        let r = &b.roi;
+impl DetectorSpec for CascadeConfig {
+    fn base(&self) -> &DetectorConfig {
+        &self.base
+    }
+    fn roi_head(&self, p: &Path, channels: i64) -> Box<dyn RoiHead> {
+        Box::new(CascadeRoiHead::new(p, self, channels))
+    }
+}
+
+/// mmdet's `CascadeRoIHead`: one box head and one mask head per stage (`roi_head.bbox_head.{i}.`,
+/// `roi_head.mask_head.{i}.`), each stage refining the previous stage's boxes.
+#[derive(Debug)]
+pub struct CascadeRoiHead {
+    pub config: CascadeConfig,
+    pub extractors: RoiExtractors,
+    pub bbox_heads: Vec<ConvFcBoxHead>,
+    pub mask_heads: Vec<FcnMaskHead>,
+}
+
+impl CascadeRoiHead {
+    /// Build under `p` (`roi_head.`) on `channels`-wide FPN features.
+    pub fn new(p: &Path, cfg: &CascadeConfig, channels: i64) -> Self {
+        let r = &cfg.base.roi;
         let bbox_heads = (0..cfg.stages.len())
             .map(|i| {
                 ConvFcBoxHead::new(
-                    &(root / "roi_head" / "bbox_head" / i),
-                    c,
+                    &(p / "bbox_head" / i),
+                    channels,
                     r.bbox_roi_size,
                     cfg.num_shared_convs,
                     cfg.conv_channels,
@@ -294,8 +291,8 @@ impl CascadeDetector {
             (0..cfg.stages.len())
                 .map(|i| {
                     FcnMaskHead::new(
-                        &(root / "roi_head" / "mask_head" / i),
-                        c,
+                        &(p / "mask_head" / i),
+                        channels,
                         r.mask_conv_channels,
                         r.mask_num_convs,
                         r.num_classes,
@@ -305,65 +302,69 @@ impl CascadeDetector {
         } else {
             vec![]
         };
-        let mut bbox_extractor = RoiExtractor::new(r.bbox_roi_size, r.featmap_strides.clone());
-        bbox_extractor.finest_scale = r.finest_scale;
-        let mut mask_extractor = RoiExtractor::new(r.mask_roi_size, r.featmap_strides.clone());
-        mask_extractor.finest_scale = r.finest_scale;
         Self {
-            config: cfg,
-            backbone,
-            neck,
-            rpn,
-            bbox_extractor,
+            config: cfg.clone(),
+            extractors: RoiExtractors::new(r),
             bbox_heads,
-            mask_extractor,
             mask_heads,
         }
     }
 
-    /// Backbone + FPN features; inputs padded bottom/right to multiples of 32 first.
-    pub fn features(&self, images: &Tensor, train: bool) -> Vec<Tensor> {
-        let s = images.size();
-        let (ph, pw) = (
-            ((s[2] + 31) / 32 * 32).max(32),
-            ((s[3] + 31) / 32 * 32).max(32),
-        );
-        let padded;
-        let images = if ph != s[2] || pw != s[3] {
-            padded = images.constant_pad_nd([0, pw - s[3], 0, ph - s[2]]);
-            &padded
+    /// mmdet `BBoxHead.loss` with `reg_decoded_bbox` and GIoU: cross-entropy averaged over all
+    /// sampled RoIs; deltas decoded on the RoIs (no clipping) and `weight × Σ(1 − GIoU)` over
+    /// positives divided by the number of RoIs.
+    fn box_loss_giou(
+        &self,
+        cls: &Tensor,
+        reg: &Tensor,
+        rois: &Tensor,
+        t: &bbox_head::BoxTargets,
+        coder: &DeltaXYWHCoder,
+    ) -> (Tensor, Tensor, Tensor) {
+        let n = cls.size()[0].max(1) as f64;
+        let logp = cls.log_softmax(-1, Kind::Float);
+        let loss_cls = -logp
+            .gather(1, &t.labels.view([-1, 1]), false)
+            .sum(Kind::Float)
+            / n;
+        let acc = cls
+            .argmax(-1, false)
+            .eq_tensor(&t.labels)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            * 100.0;
+        let pos_idx = t.pos_mask.nonzero().view([-1]);
+        let loss_bbox = if pos_idx.size()[0] > 0 {
+            let d = bbox_head::select_class_deltas(reg, &t.labels, &pos_idx).to_kind(Kind::Float);
+            let pr = rois.index_select(0, &pos_idx).slice(1, 1, 5, 1);
+            let pred = coder.decode(&pr, &d, None);
+            let g = crate::boxes::aligned_giou(&pred, &t.bbox_targets.index_select(0, &pos_idx));
+            (g.neg() + 1.0).sum(Kind::Float) / n * self.config.giou_weight
         } else {
-            images
+            reg.sum(Kind::Float) * 0.0
         };
-        let f = self.backbone.forward_features(images, train);
-        self.neck.forward(&f)
+        (loss_cls, loss_bbox, acc.detach())
     }
+}
 
-    fn roi_feats<'a>(&self, feats: &'a [Tensor]) -> &'a [Tensor] {
-        &feats[..self.config.base.roi.featmap_strides.len()]
-    }
-
-    /// Training losses as mmdet's `CascadeRoIHead.forward_train` names them: `loss_rpn_cls`,
-    /// `loss_rpn_bbox`, then per stage `s{i}.loss_cls`, `s{i}.loss_bbox`, `s{i}.loss_mask`
-    /// (scaled by the stage's weight) and `s{i}.acc`.
-    pub fn forward_train(&self, images: &Tensor, metas: &[ImgMeta], gts: &[GtInstances]) -> Losses {
-        let feats = self.features(images, true);
-        let shapes: Vec<(i64, i64)> = metas.iter().map(|m| m.img_shape).collect();
-        let pads: Vec<(i64, i64)> = metas.iter().map(|m| m.pad_shape).collect();
+impl RoiHead for CascadeRoiHead {
+    /// Losses as mmdet's `CascadeRoIHead.forward_train` names them: per stage `s{i}.loss_cls`,
+    /// `s{i}.loss_bbox`, `s{i}.loss_mask` (scaled by the stage's weight) and `s{i}.acc`.
+    fn forward_train(
+        &self,
+        feats: &[Tensor],
+        proposals: &[Tensor],
+        metas: &[ImgMeta],
+        gts: &[GtInstances],
+    ) -> BTreeMap<String, Tensor> {
         let gt_boxes: Vec<Tensor> = gts.iter().map(|g| g.boxes.to_kind(Kind::Float)).collect();
-        let rpn_out = self.rpn.forward(&feats);
-        let (loss_rpn_cls, loss_rpn_bbox) = self.rpn.loss(&rpn_out, &shapes, &pads, &gt_boxes);
-        let mut proposals: Vec<Tensor> = self
-            .rpn
-            .proposals(&rpn_out, &shapes, &self.config.base.rpn.train_proposals)
+        let mut proposals: Vec<Tensor> = proposals
             .iter()
             .map(|p| p.slice(1, 0, 4, 1).detach())
             .collect();
         let mut m = BTreeMap::new();
-        m.insert("loss_rpn_cls".to_string(), loss_rpn_cls);
-        m.insert("loss_rpn_bbox".to_string(), loss_rpn_bbox);
         let r = &self.config.base.roi;
-        let rf = self.roi_feats(&feats);
+        let rf = self.extractors.levels(feats);
         let n_stages = self.config.stages.len();
         for (i, st) in self.config.stages.iter().enumerate() {
             let samples: Vec<SamplingResult> = tch::no_grad(|| {
@@ -378,7 +379,7 @@ impl CascadeDetector {
                     .collect()
             });
             let rois = bbox_head::sampled_rois(&samples);
-            let bf = self.bbox_extractor.forward(rf, &rois);
+            let bf = self.extractors.bbox.forward(rf, &rois);
             let (cls, reg) = self.bbox_heads[i].forward(&bf, true);
             let t = bbox_head::box_targets(&samples, &gt_boxes, r.num_classes, &st.coder, true);
             let (loss_cls, loss_bbox, acc) = self.box_loss_giou(&cls, &reg, &rois, &t, &st.coder);
@@ -387,30 +388,8 @@ impl CascadeDetector {
             m.insert(format!("s{i}.loss_bbox"), loss_bbox * lw);
             m.insert(format!("s{i}.acc"), acc);
             if let Some(mh) = self.mask_heads.get(i) {
-                let pos: Vec<Tensor> = samples.iter().map(|s| s.pos_boxes()).collect();
-                let pos_rois = bbox2roi(&pos.iter().collect::<Vec<_>>());
-                let out = 2 * r.mask_roi_size;
-                let targets: Vec<Tensor> = tch::no_grad(|| {
-                    samples
-                        .iter()
-                        .zip(gts)
-                        .zip(&pos)
-                        .map(|((s, g), pb)| mask_targets(pb, &s.pos_gt_inds, g, out))
-                        .collect()
-                });
-                let labels = Tensor::cat(
-                    &samples
-                        .iter()
-                        .map(|s| s.pos_labels.shallow_clone())
-                        .collect::<Vec<_>>(),
-                    0,
-                );
-                let logits = mh.forward(&self.mask_extractor.forward(rf, &pos_rois));
-                let tg = Tensor::cat(&targets, 0).to_device(logits.device());
-                m.insert(
-                    format!("s{i}.loss_mask"),
-                    mask_head::mask_loss(&logits, &tg, &labels) * lw,
-                );
+                let loss = mask_loss(mh, &self.extractors, rf, &samples, gts, r.mask_roi_size);
+                m.insert(format!("s{i}.loss_mask"), loss * lw);
             }
             if i + 1 < n_stages {
                 if cls.numel() == 0 {
@@ -461,81 +440,12 @@ impl CascadeDetector {
                 });
             }
         }
-        Losses(m)
+        m
     }
 
-    /// mmdet `BBoxHead.loss` with `reg_decoded_bbox` and GIoU: cross-entropy averaged over all
-    /// sampled RoIs; deltas decoded on the RoIs (no clipping) and `weight × Σ(1 − GIoU)` over
-    /// positives divided by the number of RoIs.
-    fn box_loss_giou(
-        &self,
-        cls: &Tensor,
-        reg: &Tensor,
-        rois: &Tensor,
-        t: &bbox_head::BoxTargets,
-        coder: &DeltaXYWHCoder,
-    ) -> (Tensor, Tensor, Tensor) {
-        let n = cls.size()[0].max(1) as f64;
-        let logp = cls.log_softmax(-1, Kind::Float);
-        let loss_cls = -logp
-            .gather(1, &t.labels.view([-1, 1]), false)
-            .sum(Kind::Float)
-            / n;
-        let acc = cls
-            .argmax(-1, false)
-            .eq_tensor(&t.labels)
-            .to_kind(Kind::Float)
-            .mean(Kind::Float)
-            * 100.0;
-        let pos_idx = t.pos_mask.nonzero().view([-1]);
-        let loss_bbox = if pos_idx.size()[0] > 0 {
-            let d = bbox_head::select_class_deltas(reg, &t.labels, &pos_idx).to_kind(Kind::Float);
-            let pr = rois.index_select(0, &pos_idx).slice(1, 1, 5, 1);
-            let pred = coder.decode(&pr, &d, None);
-            let g = crate::boxes::aligned_giou(&pred, &t.bbox_targets.index_select(0, &pos_idx));
-            (g.neg() + 1.0).sum(Kind::Float) / n * self.config.giou_weight
-        } else {
-            reg.sum(Kind::Float) * 0.0
-        };
-        (loss_cls, loss_bbox, acc.detach())
-    }
-
-    /// [`CascadeDetector::forward_train`] on a `cnx_datasets` batch.
-    pub fn forward_train_batch(&self, batch: &cnx_datasets::DetBatch, device: Device) -> Losses {
-        let (images, metas) = crate::detector::batch_inputs(batch, device);
-        let gts: Vec<GtInstances> = batch
-            .targets
-            .iter()
-            .map(|t| GtInstances::from_targets(t, device))
-            .collect();
-        self.forward_train(&images, &metas, &gts)
-    }
-
-    /// [`CascadeDetector::predict`] on a `cnx_datasets` batch.
-    pub fn predict_batch(&self, batch: &cnx_datasets::DetBatch, device: Device) -> Vec<Detections> {
-        let (images, metas) = crate::detector::batch_inputs(batch, device);
-        self.predict(&images, &metas)
-    }
-
-    /// Inference on a padded batch; detections rescaled to each image's original size.
-    pub fn predict(&self, images: &Tensor, metas: &[ImgMeta]) -> Vec<Detections> {
-        tch::no_grad(|| {
-            let feats = self.features(images, false);
-            let proposals = self.proposals(&feats, metas);
-            self.predict_from_proposals(&feats, &proposals, metas)
-        })
-    }
-
-    /// RPN proposals (K,5 with scores) per image, test settings.
-    pub fn proposals(&self, feats: &[Tensor], metas: &[ImgMeta]) -> Vec<Tensor> {
-        let shapes: Vec<(i64, i64)> = metas.iter().map(|m| m.img_shape).collect();
-        let out = self.rpn.forward(feats);
-        self.rpn
-            .proposals(&out, &shapes, &self.config.base.rpn.test_proposals)
-    }
-
-    /// mmdet `CascadeRoIHead.simple_test` from given proposals.
-    pub fn predict_from_proposals(
+    /// mmdet `CascadeRoIHead.simple_test`: class scores averaged over the stages, boxes from the
+    /// last stage, masks from the mean of every stage's mask probabilities.
+    fn simple_test(
         &self,
         feats: &[Tensor],
         proposals: &[Tensor],
@@ -543,7 +453,7 @@ impl CascadeDetector {
     ) -> Vec<Detections> {
         let r = &self.config.base.roi;
         let test: &RcnnTestCfg = &r.test;
-        let rf = self.roi_feats(feats);
+        let rf = self.extractors.levels(feats);
         let counts: Vec<i64> = proposals.iter().map(|p| p.size()[0]).collect();
         let n_img = proposals.len();
         let mut rois = bbox2roi(&proposals.iter().collect::<Vec<_>>());
@@ -552,7 +462,7 @@ impl CascadeDetector {
         let mut last_reg: Option<Tensor> = None;
         let n_stages = self.bbox_heads.len();
         for (i, head) in self.bbox_heads.iter().enumerate() {
-            let bf = self.bbox_extractor.forward(rf, &rois);
+            let bf = self.extractors.bbox.forward(rf, &rois);
             let (cls, reg) = head.forward(&bf, false);
             let (cls, reg) = (cls.to_kind(Kind::Float), reg.to_kind(Kind::Float));
             cls_sum = Some(match cls_sum {
@@ -583,34 +493,10 @@ impl CascadeDetector {
         let cls = cls_sum.expect("at least one stage") / n_stages as f64;
         let reg = last_reg.expect("at least one stage");
         let last_coder = &self.config.stages[n_stages - 1].coder;
-        let rois_s = rois.split_with_sizes(&counts, 0);
-        let cls_s = cls.split_with_sizes(&counts, 0);
-        let reg_s = reg.split_with_sizes(&counts, 0);
-        let dets: Vec<bbox_head::BoxDetections> = (0..n_img)
-            .map(|i| {
-                bbox_head::get_bboxes(
-                    &rois_s[i],
-                    &cls_s[i],
-                    &reg_s[i],
-                    last_coder,
-                    metas[i].img_shape,
-                    sf4(&metas[i]),
-                    test,
-                )
-            })
-            .collect();
-        let mut masks: Vec<Option<Tensor>> = (0..n_img).map(|_| None).collect();
-        if !self.mask_heads.is_empty() {
-            let scaled: Vec<Tensor> = dets
-                .iter()
-                .zip(metas)
-                .map(|(d, m)| &d.boxes * Tensor::from_slice(&sf4(m)).to_device(d.boxes.device()))
-                .collect();
-            let dc: Vec<i64> = scaled.iter().map(|s| s.size()[0]).collect();
-            let total: i64 = dc.iter().sum();
-            if total > 0 {
-                let mrois = bbox2roi(&scaled.iter().collect::<Vec<_>>());
-                let mf = self.mask_extractor.forward(rf, &mrois);
+        let dets = box_detections(&rois, &cls, &reg, proposals, metas, |_| (last_coder, test));
+        let masks = (!self.mask_heads.is_empty()).then(|| {
+            detection_masks(&dets, metas, test.mask_thr_binary, &rois, |mrois| {
+                let mf = self.extractors.mask.forward(rf, mrois);
                 // merge_aug_masks: the mean of the stages' sigmoid probabilities.
                 let mut prob: Option<Tensor> = None;
                 for mh in &self.mask_heads {
@@ -620,84 +506,34 @@ impl CascadeDetector {
                         Some(s) => s + p,
                     });
                 }
-                let prob = prob.expect("mask heads") / self.mask_heads.len() as f64;
-                let parts = prob.split_with_sizes(&dc, 0);
-                for (i, d) in dets.iter().enumerate() {
-                    let (oh, ow) = metas[i].ori_shape;
-                    if dc[i] == 0 {
-                        masks[i] = Some(Tensor::zeros([0, oh, ow], (Kind::Bool, prob.device())));
-                        continue;
-                    }
-                    let p = &parts[i];
-                    let idx = d
-                        .labels
-                        .view([-1, 1, 1, 1])
-                        .expand([dc[i], 1, p.size()[2], p.size()[3]], false);
-                    let p = p.gather(1, &idx, false).squeeze_dim(1);
-                    let sf = Tensor::from_slice(&sf4(&metas[i])).to_device(p.device());
-                    let b = &scaled[i] / sf;
-                    masks[i] = Some(mask_head::paste_masks(&p, &b, oh, ow, test.mask_thr_binary));
-                }
-            } else {
-                for (i, m) in metas.iter().enumerate() {
-                    masks[i] = Some(Tensor::zeros(
-                        [0, m.ori_shape.0, m.ori_shape.1],
-                        (Kind::Bool, rois.device()),
-                    ));
-                }
-            }
-        }
-        dets.into_iter()
-            .zip(masks)
-            .map(|(d, m)| Detections {
-                boxes: d.boxes,
-                scores: d.scores,
-                labels: d.labels,
-                masks: m,
+                prob.expect("mask heads") / self.mask_heads.len() as f64
             })
-            .collect()
+        });
+        assemble(dets, masks)
     }
 
-    /// mmdet's `forward_dummy` (what `get_flops` runs): backbone, neck, RPN head, then the same
-    /// 1000 random proposals through every box head and the first 100 through every mask head.
-    pub fn forward_dummy(&self, images: &Tensor) -> Tensor {
-        tch::no_grad(|| {
-            let feats = self.features(images, false);
-            let out = self.rpn.forward(&feats);
-            let props = Tensor::randn([1000, 4], (Kind::Float, images.device()));
-            let rois = bbox2roi(&[&props]);
-            let rf = self.roi_feats(&feats);
-            let mut s = out.cls[0].sum(Kind::Float);
-            for h in &self.bbox_heads {
-                let (cls, _) = h.forward(&self.bbox_extractor.forward(rf, &rois), false);
-                s += cls.sum(Kind::Float);
-            }
-            let mr = rois.slice(0, 0, 100, 1);
-            for mh in &self.mask_heads {
-                s += mh
-                    .forward(&self.mask_extractor.forward(rf, &mr))
-                    .sum(Kind::Float);
-            }
-            s
-        })
+    /// The same RoIs through every box head, the first 100 through every mask head.
+    fn forward_dummy(&self, feats: &[Tensor], rois: &Tensor) -> Tensor {
+        let rf = self.extractors.levels(feats);
+        let mut s = Tensor::zeros([], (Kind::Float, rois.device()));
+        for h in &self.bbox_heads {
+            let (cls, _) = h.forward(&self.extractors.bbox.forward(rf, rois), false);
+            s += cls.sum(Kind::Float);
+        }
+        let mr = rois.slice(0, 0, 100, 1);
+        for mh in &self.mask_heads {
+            s += mh
+                .forward(&self.extractors.mask.forward(rf, &mr))
+                .sum(Kind::Float);
+        }
+        s
+    }
+
+    fn num_classes(&self) -> i64 {
+        self.config.base.roi.num_classes
     }
 }
 
-fn sf4(m: &ImgMeta) -> [f32; 4] {
-    [
-        m.scale_factor.0,
-        m.scale_factor.1,
-        m.scale_factor.0,
-        m.scale_factor.1,
-    ]
-}
-
-/// Parameters and multiply-adds as mmdet's `get_flops` counts them (one `forward_dummy`).
-pub fn complexity(cfg: &CascadeConfig, hw: [i64; 2]) -> (i64, cnx_backbone::flops::FlopTally) {
-    let vs = tch::nn::VarStore::new(Device::Cpu);
-    let det = CascadeDetector::new(&vs.root(), cfg);
-    let params = cnx_backbone::nn::param_count(&vs);
-    let x = Tensor::zeros([1, 3, hw[0], hw[1]], (Kind::Float, Device::Cpu));
-    let (_, tally) = cnx_backbone::flops::count(|| det.forward_dummy(&x));
-    (params, tally)
-}
+/// Cascade Mask R-CNN is the two-stage detector with a [`CascadeRoiHead`] (built from a
+/// [`CascadeConfig`]).
+pub type CascadeDetector = TwoStageDetector;

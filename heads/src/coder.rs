@@ -2,7 +2,12 @@
 //! per-stage means/stds (RPN: 0/1; Mask R-CNN: 0.1,0.1,0.2,0.2; Cascade stages finer).
 //! The formulas and their evaluation order follow mmdet 2.x `bbox2delta` / `delta2bbox` so
 //! float results agree to the last bit where possible.
+//!
+//! Both directions compute in fp32 when handed fp16/bf16 tensors (autocast outputs), as mmdet's
+//! `force_fp32` bbox heads do: box coordinates of a 1333-px image do not survive fp16's 11-bit
+//! mantissa, and `exp` of the size deltas is on autocast's fp32 list anyway.
 
+use cnx_backbone::autocast::upcast;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -38,6 +43,8 @@ impl DeltaXYWHCoder {
 
     /// Regression targets (N,4) taking `proposals` (N,4) to `gt` (N,4).
     pub fn encode(&self, proposals: &Tensor, gt: &Tensor) -> Tensor {
+        let proposals = &upcast(proposals);
+        let gt = &upcast(gt);
         let px = (proposals.select(1, 0) + proposals.select(1, 2)) * 0.5;
         let py = (proposals.select(1, 1) + proposals.select(1, 3)) * 0.5;
         let pw = proposals.select(1, 2) - proposals.select(1, 0);
@@ -62,7 +69,8 @@ impl DeltaXYWHCoder {
             return deltas.shallow_clone();
         }
         let k = deltas.size()[1] / 4;
-        let d = deltas.reshape([-1, 4]);
+        let d = upcast(deltas).reshape([-1, 4]);
+        let rois = &upcast(rois);
         let denorm = &d * row(&self.stds, &d) + row(&self.means, &d);
         let dxy = denorm.slice(1, 0, 2, 1);
         let dwh = denorm.slice(1, 2, 4, 1);
@@ -80,5 +88,38 @@ impl DeltaXYWHCoder {
             b = crate::boxes::clip_boxes(&b, h, w);
         }
         b.reshape([n, -1])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// Half-precision deltas (autocast output) decode in fp32: the same boxes as fp32 deltas of
+    /// the same values, to the bit, and an fp32 result.
+    #[test]
+    fn half_inputs_decode_and_encode_in_fp32() {
+        let c = DeltaXYWHCoder::new([0.0; 4], [0.1, 0.1, 0.2, 0.2]);
+        let rois =
+            Tensor::from_slice(&[10.5f32, 20.25, 610.75, 433.5, 1000.0, 700.0, 1300.0, 790.0])
+                .view([2, 4]);
+        let d16 = Tensor::from_slice(&[0.3f32, -0.2, 0.5, -0.7, 0.01, 0.02, -0.03, 0.04])
+            .view([2, 4])
+            .to_kind(Kind::Half);
+        let d32 = d16.to_kind(Kind::Float);
+        let a = c.decode(&rois.to_kind(Kind::Half), &d16, Some((800.0, 1333.0)));
+        let b = c.decode(&rois, &d32, Some((800.0, 1333.0)));
+        assert_eq!(a.kind(), Kind::Float);
+        // fp16 rois lose their fractions above 1024; compare with fp16-rounded fp32 rois.
+        let b16 = c.decode(
+            &rois.to_kind(Kind::Half).to_kind(Kind::Float),
+            &d32,
+            Some((800.0, 1333.0)),
+        );
+        assert_eq!((&a - &b16).abs().max().double_value(&[]), 0.0);
+        assert!((&a - &b).abs().max().double_value(&[]) < 0.5);
+        let t = c.encode(&rois.to_kind(Kind::Half), &b.to_kind(Kind::Half));
+        assert_eq!(t.kind(), Kind::Float);
     }
 }

@@ -4,7 +4,9 @@
 //! [`boxes`] (IoU / GIoU, `Boxes`), [`coder`] (delta box coder), [`anchors`], [`nms`],
 //! [`roi_align`], [`roi_extractor`], [`fpn`], [`assigner`] (max-IoU assigner, random sampler),
 //! [`rpn`], [`bbox_head`] (`BoxHead` trait, Shared2FC head, post-processing), [`mask_head`],
-//! assembled by [`detector`] from a serde config. [`results`] turns detections into COCO JSON.
+//! [`roi_head`] (the `RoiHead` trait and Mask R-CNN's standard head; [`cascade`] has Cascade's),
+//! assembled by [`two_stage`] from the serde configs of [`detector`] / [`cascade`]. [`results`]
+//! turns detections into COCO JSON.
 
 pub mod anchors;
 pub mod assigner;
@@ -21,7 +23,9 @@ pub mod nms;
 pub mod results;
 pub mod roi_align;
 pub mod roi_extractor;
+pub mod roi_head;
 pub mod rpn;
+pub mod two_stage;
 pub mod weights;
 // UperNet semantic segmentation (owned by the segmentation work): heads and the segmentor.
 pub mod segmentor;
@@ -29,6 +33,7 @@ pub mod upernet;
 pub mod upernet_palette;
 
 pub use detector::{Detections, Detector, DetectorConfig, GtInstances, ImgMeta, Losses};
+pub use two_stage::{DetectorSpec, TwoStageDetector};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -129,7 +129,26 @@ fn dense_weights(a: &Axis, idx: &Tensor, p: i64, k: i64) -> Tensor {
 
 /// RoIAlign of `feat` (N,C,H,W) over `rois` (R,5: batch index, x1, y1, x2, y2) → (R,C,Ph,Pw).
 /// Gradients flow to `feat` (not to the RoI coordinates, as in torchvision).
+///
+/// Computed in fp32 whatever the input precision and with autocast off inside (torchvision's
+/// autocast wrapper of `roi_align` and mmdet's `force_fp32` RoI extractor do the same): the
+/// sampling weights and the bin averages need the precision, and autocast would otherwise run the
+/// window products (`bmm`/`matmul`) in fp16/bf16. The result has `feat`'s dtype, as there.
 pub fn roi_align(
+    feat: &Tensor,
+    rois: &Tensor,
+    out: (i64, i64),
+    scale: f64,
+    sampling_ratio: i64,
+    aligned: bool,
+) -> Tensor {
+    cnx_backbone::autocast::without_autocast(|| {
+        let x = cnx_backbone::autocast::upcast(feat);
+        roi_align_impl(&x, rois, out, scale, sampling_ratio, aligned).to_kind(feat.kind())
+    })
+}
+
+fn roi_align_impl(
     feat: &Tensor,
     rois: &Tensor,
     out: (i64, i64),
@@ -157,11 +176,8 @@ pub fn roi_align(
     let ax = axis(&sw, &rw, out.1, sampling_ratio, w);
     let bidx = rois.select(1, 0).to_kind(Kind::Int64);
     let flat = feat.permute([0, 2, 3, 1]).contiguous().view([n * h * w, c]);
-    let compute = if feat.kind() == Kind::Float {
-        Kind::Float
-    } else {
-        feat.kind()
-    };
+    // fp32 (or fp64 when the caller asked for it): reduced precision was upcast by the caller.
+    let compute = feat.kind();
 
     // Chunks of RoIs with similar windows; memory per chunk bounded by ~16M gathered values.
     let mut order: Vec<usize> = (0..r as usize).collect();
@@ -206,7 +222,7 @@ pub fn roi_align(
         outs.push(o.permute([0, 3, 1, 2]));
         i = j;
     }
-    let cat = Tensor::cat(&outs, 0).to_kind(feat.kind());
+    let cat = Tensor::cat(&outs, 0);
     let perm = Tensor::from_slice(&perm).to_device(device);
     let inv = perm.argsort(0, false);
     cat.index_select(0, &inv)
@@ -224,5 +240,38 @@ mod tests {
         assert_eq!(o.size(), vec![1, 2, 7, 7]);
         let v = crate::boxes::to_vec_f32(&o);
         assert!(v.iter().all(|x| (x - 1.0).abs() < 1e-6));
+    }
+
+    /// Under (CPU) autocast with bf16 features the result equals the fp32 computation on the
+    /// same (bf16-representable) values, rounded once to bf16: the products ran in fp32 and
+    /// autocast did not reach inside. Without the fp32 island the bf16 window products differ.
+    #[test]
+    fn computes_in_fp32_under_autocast() {
+        use cnx_backbone::autocast::{with_autocast, DeviceType};
+        tch::manual_seed(0);
+        let f32_feat = Tensor::randn([2, 16, 24, 20], (Kind::Float, tch::Device::Cpu)) * 3.0;
+        let bf = f32_feat.to_kind(Kind::BFloat16);
+        let exact_in = bf.to_kind(Kind::Float);
+        let rois = Tensor::from_slice(&[
+            0f32, 1.3, 2.2, 17.9, 20.4, 1., 0.5, 0.5, 9.7, 6.1, 1., 3., 4., 19.5, 23.0, 0., 5.5,
+            5.5, 6.0, 7.25,
+        ])
+        .view([4, 5]);
+        let want = roi_align(&exact_in, &rois, (7, 7), 1.0, 0, true);
+        let got = with_autocast(DeviceType::Cpu, true, || {
+            roi_align(&bf, &rois, (7, 7), 1.0, 0, true)
+        });
+        assert_eq!(got.kind(), Kind::BFloat16);
+        let d = (got.to_kind(Kind::Float) - want.to_kind(Kind::BFloat16).to_kind(Kind::Float))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert_eq!(d, 0.0, "bf16 result differs from fp32-then-round by {d}");
+        // fp32 input under autocast: fp32 output, identical to no autocast.
+        let got32 = with_autocast(DeviceType::Cpu, true, || {
+            roi_align(&exact_in, &rois, (7, 7), 1.0, 0, true)
+        });
+        assert_eq!(got32.kind(), Kind::Float);
+        assert_eq!((&got32 - &want).abs().max().double_value(&[]), 0.0);
     }
 }

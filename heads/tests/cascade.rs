@@ -258,7 +258,7 @@ fn cascade_flops_table() {
         ("cascade_mask_rcnn_convnext_xlarge_3x_in22k", 407.0, 1898.0),
     ] {
         let cfg = CascadeConfig::preset(name).unwrap();
-        let (params, tally) = cnx_heads::cascade::complexity(&cfg, [1280, 800]);
+        let (params, tally) = cnx_heads::two_stage::complexity(&cfg, [1280, 800]);
         let (pm, gf) = (params as f64 / 1e6, tally.total / 1e9);
         println!("{name}: params {pm:.2}M flops {gf:.1}G (paper {p_m}M / {g}G)");
         assert!((pm - p_m).abs() < 0.5, "{name}: params {pm}");

@@ -27,7 +27,7 @@ fn small_config(classes: i64) -> DetectorConfig {
 #[test]
 fn flops_and_params_match_the_paper() {
     let cfg = DetectorConfig::preset("mask_rcnn_convnext_tiny_3x").unwrap();
-    let (params, tally) = cnx_heads::detector::complexity(&cfg, [1280, 800]);
+    let (params, tally) = cnx_heads::two_stage::complexity(&cfg, [1280, 800]);
     println!("params {params}, flops {:.2}G", tally.total / 1e9);
     assert!((params as f64 / 1e6 - 48.0).abs() < 0.5, "params {params}");
     assert!(

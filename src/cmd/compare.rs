@@ -12,15 +12,14 @@
 //! measured the way `cnx test` does it: COCO box AP (as pycocotools) or ADE20K mIoU with the
 //! multi-scale + flip test the paper's Table 4 reports.
 
-use crate::cmd::predict::AnyDetector;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::ValueEnum;
 use cnx_backbone::config as bbcfg;
 use cnx_backbone::{flops, nn as cnn};
 use cnx_eval::coco::IouType;
-use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
-use cnx_heads::detector::{Detector, DetectorConfig};
+use cnx_heads::cascade::CascadeConfig;
 use cnx_heads::segmentor::{Segmentor, SegmentorConfig};
+use cnx_heads::{DetectorConfig, TwoStageDetector};
 use plotters::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -61,7 +60,7 @@ pub struct Args {
     /// Timed runs per measurement (after one warm-up run); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
-    /// Device: auto (CUDA if available), cpu, cuda.
+    /// Device: auto (cuda:0 when libtorch sees a GPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Output directory for report.md / report.json / report.png.
@@ -264,7 +263,7 @@ pub fn row_spec(name: &str) -> Result<RowSpec> {
 /// A built model ready to count and time: the heads crate's own model for the preset (Swin and
 /// ResNet backbones are built by the presets' backbone configs, not swapped in).
 pub enum Built {
-    Det { det: AnyDetector, vs: VarStore },
+    Det { det: TwoStageDetector, vs: VarStore },
     Seg { seg: Box<Segmentor>, vs: VarStore },
 }
 
@@ -273,18 +272,12 @@ pub fn build(spec: &RowSpec, device: Device) -> Result<Built> {
     let vs = VarStore::new(device);
     Ok(match spec.arch {
         "mask_rcnn" => {
-            let det = Detector::new(&vs.root(), &DetectorConfig::preset(&spec.name)?);
-            Built::Det {
-                det: AnyDetector::MaskRcnn(Box::new(det)),
-                vs,
-            }
+            let det = TwoStageDetector::new(&vs.root(), &DetectorConfig::preset(&spec.name)?);
+            Built::Det { det, vs }
         }
         "cascade_mask_rcnn" => {
-            let det = CascadeDetector::new(&vs.root(), &CascadeConfig::preset(&spec.name)?);
-            Built::Det {
-                det: AnyDetector::Cascade(Box::new(det)),
-                vs,
-            }
+            let det = TwoStageDetector::new(&vs.root(), &CascadeConfig::preset(&spec.name)?);
+            Built::Det { det, vs }
         }
         "upernet" => {
             let seg = Segmentor::new_uninit(&vs.root(), &SegmentorConfig::preset(&spec.name)?)?;
@@ -329,11 +322,7 @@ pub fn count_preset(name: &str, h: i64, w: i64) -> Option<Result<(i64, f64)>> {
 
 /// Median milliseconds of `f` over `runs` after one warm-up, synchronising CUDA.
 fn median_ms(device: Device, runs: usize, f: impl Fn() -> Tensor) -> f64 {
-    let sync = || {
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
+    let sync = || crate::device::synchronize(device);
     let _ = f();
     sync();
     let mut ts: Vec<f64> = (0..runs.max(1))
@@ -377,12 +366,7 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = match args.device.as_str() {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        d => bail!("unknown device '{d}' (auto, cpu, cuda)"),
-    };
+    let device = crate::device::resolve(&args.device)?;
     let metric_name = match args.task {
         CompareTask::Det => "AP box",
         CompareTask::Seg => "mIoU (ms+flip)",
@@ -434,8 +418,13 @@ pub fn run(args: Args) -> Result<()> {
                     let ms = median_ms(device, args.runs, || m.forward(&x));
                     r.fps_fp32 = Some(1e3 / ms);
                     if device.is_cuda() {
-                        let ms =
-                            median_ms(device, args.runs, || tch::autocast(true, || m.forward(&x)));
+                        let ms = median_ms(device, args.runs, || {
+                            crate::engine::amp::autocast(
+                                device,
+                                crate::engine::config::Amp::Fp16,
+                                || m.forward(&x),
+                            )
+                        });
                         r.fps_amp = Some(1e3 / ms);
                     }
                     eprintln!(

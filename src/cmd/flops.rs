@@ -77,12 +77,12 @@ pub fn count_model(name: &str, h: i64, w: i64) -> Result<(i64, f64)> {
     }
     if name.starts_with("cascade_mask_rcnn_convnext_") {
         let cfg = cnx_heads::cascade::CascadeConfig::preset(name)?;
-        let (params, tally) = cnx_heads::cascade::complexity(&cfg, [h, w]);
+        let (params, tally) = cnx_heads::two_stage::complexity(&cfg, [h, w]);
         return Ok((params, tally.total));
     }
     if name.starts_with("mask_rcnn_") {
         let cfg = cnx_heads::DetectorConfig::preset(name)?;
-        let (params, tally) = cnx_heads::detector::complexity(&cfg, [h, w]);
+        let (params, tally) = cnx_heads::two_stage::complexity(&cfg, [h, w]);
         return Ok((params, tally.total));
     }
     if name.starts_with("upernet_") {

@@ -4,14 +4,16 @@
 //! plus each image's `file_name`). Segmentation presets (`upernet_*`) go to `cmd::seg`.
 //! An unreadable image is reported by name and counted; the others still run.
 
+use crate::engine::amp;
+use crate::engine::config::Amp;
 use anyhow::{bail, Context, Result};
 use cnx_datasets::draw;
 use cnx_datasets::image_io;
 use cnx_datasets::pipeline::{normalize_into, pad_up, TestPipeline};
-use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
+use cnx_heads::cascade::CascadeConfig;
 use cnx_heads::coco_classes::{COCO_CAT_IDS, COCO_CLASSES};
 use cnx_heads::results::{to_coco, CocoResult};
-use cnx_heads::{Detections, Detector, DetectorConfig, ImgMeta};
+use cnx_heads::{Detector, DetectorConfig, ImgMeta, TwoStageDetector};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
@@ -49,11 +51,21 @@ pub struct Args {
     /// Timing mode input size HxW.
     #[arg(long, hide = true, default_value = "1280x800", value_parser = crate::cmd::flops::parse_hw)]
     pub input: (i64, i64),
-    /// Run under bf16 autocast (CUDA).
+    /// Run the model under bf16 autocast (on CUDA; on the CPU through libtorch's CPU autocast).
+    /// Post-processing (box decoding, RoIAlign, NMS) stays in fp32.
     #[arg(long)]
     pub bf16: bool,
     #[arg(required_unless_present = "bench")]
     pub images: Vec<PathBuf>,
+}
+
+/// The autocast precision `--bf16` asks for.
+fn precision(args: &Args) -> Amp {
+    if args.bf16 {
+        Amp::Bf16
+    } else {
+        Amp::None
+    }
 }
 
 fn bench(args: &Args, device: Device, iters: usize) -> Result<()> {
@@ -64,33 +76,27 @@ fn bench(args: &Args, device: Device, iters: usize) -> Result<()> {
     if let Some(w) = &args.weights {
         cnx_heads::weights::load_checkpoint(&mut vs, w, args.drop_class_layers)?;
     }
-    if args.bf16 {
-        crate::engine::amp::set_cuda_autocast_dtype(crate::engine::config::Amp::Bf16)?;
-    }
     let (h, w) = args.input;
     let x = Tensor::randn([1, 3, h, w], (tch::Kind::Float, device));
     let meta = ImgMeta {
         img_shape: (h, w),
+        pad_shape: cnx_heads::detector::pad_shape((h, w), 32),
         ori_shape: (h, w),
         scale_factor: (1.0, 1.0),
     };
-    let sync = || {
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
+    let sync = || crate::device::synchronize(device);
     let mut times = Vec::new();
     let mut n = 0;
-    for k in 0..iters + 3 {
+    // Three warm-up runs (one for single-iteration smoke runs).
+    let warm = iters.min(3);
+    for k in 0..iters + warm {
         sync();
         let t = std::time::Instant::now();
-        let d = if args.bf16 {
-            tch::autocast(true, || det.predict(&x, std::slice::from_ref(&meta)))
-        } else {
+        let d = amp::autocast(device, precision(args), || {
             det.predict(&x, std::slice::from_ref(&meta))
-        };
+        });
         sync();
-        if k >= 3 {
+        if k >= warm {
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         n = d[0].boxes.size()[0];
@@ -100,47 +106,9 @@ fn bench(args: &Args, device: Device, iters: usize) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"preset": args.preset, "input": [h, w], "bf16": args.bf16, "median_ms": med,
-            "images_per_s": 1e3 / med, "detections": n, "device": format!("{device:?}")})
+            "images_per_s": 1e3 / med, "detections": n, "device": crate::device::label(device)})
     );
     Ok(())
-}
-
-/// Either detector the COCO presets name: the two share inputs and outputs at test time.
-pub enum AnyDetector {
-    MaskRcnn(Box<Detector>),
-    Cascade(Box<CascadeDetector>),
-}
-
-impl AnyDetector {
-    pub fn predict(&self, images: &Tensor, metas: &[ImgMeta]) -> Vec<Detections> {
-        match self {
-            Self::MaskRcnn(d) => d.predict(images, metas),
-            Self::Cascade(d) => d.predict(images, metas),
-        }
-    }
-
-    /// Foreground classes the detector predicts.
-    pub fn num_classes(&self) -> i64 {
-        match self {
-            Self::MaskRcnn(d) => d.config.roi.num_classes,
-            Self::Cascade(d) => d.config.base.roi.num_classes,
-        }
-    }
-
-    /// mmdet's `forward_dummy` (what `get_flops` counts and `cnx compare --fps` times).
-    pub fn forward_dummy(&self, images: &Tensor) -> Tensor {
-        match self {
-            Self::MaskRcnn(d) => d.forward_dummy(images),
-            Self::Cascade(d) => d.forward_dummy(images),
-        }
-    }
-
-    pub fn predict_batch(&self, batch: &cnx_datasets::DetBatch, device: Device) -> Vec<Detections> {
-        match self {
-            Self::MaskRcnn(d) => d.predict_batch(batch, device),
-            Self::Cascade(d) => d.predict_batch(batch, device),
-        }
-    }
 }
 
 /// Build the detector of `preset` (Mask R-CNN or Cascade Mask R-CNN) on `device` and load
@@ -150,19 +118,14 @@ pub fn load_detector(
     weights: &Path,
     drop_class_layers: bool,
     device: Device,
-) -> Result<(VarStore, AnyDetector)> {
+) -> Result<(VarStore, TwoStageDetector)> {
     let mut vs = VarStore::new(device);
-    let (det, backbone) = if preset.starts_with("cascade_") {
-        let cfg = CascadeConfig::preset(preset)?;
-        let bb = cfg.base.backbone.dense()?;
-        let det = CascadeDetector::new(&vs.root(), &cfg);
-        (AnyDetector::Cascade(Box::new(det)), bb)
+    let det = if preset.starts_with("cascade_") {
+        TwoStageDetector::new(&vs.root(), &CascadeConfig::preset(preset)?)
     } else {
-        let cfg = DetectorConfig::preset(preset)?;
-        let bb = cfg.backbone.dense()?;
-        let det = Detector::new(&vs.root(), &cfg);
-        (AnyDetector::MaskRcnn(Box::new(det)), bb)
+        TwoStageDetector::new(&vs.root(), &DetectorConfig::preset(preset)?)
     };
+    let backbone = det.config.backbone.dense()?;
     let report =
         cnx_heads::weights::load_checkpoint_for(&mut vs, weights, drop_class_layers, &backbone)
             .with_context(|| format!("loading {}", weights.display()))?;
@@ -183,6 +146,7 @@ pub fn prepare(img: &image_io::Image8, pipe: &TestPipeline, device: Device) -> (
         .to_device(device);
     let meta = ImgMeta {
         img_shape: (resized.h as i64, resized.w as i64),
+        pad_shape: cnx_heads::detector::pad_shape((resized.h as i64, resized.w as i64), 32),
         ori_shape: (img.h as i64, img.w as i64),
         scale_factor: sf,
     };
@@ -190,7 +154,7 @@ pub fn prepare(img: &image_io::Image8, pipe: &TestPipeline, device: Device) -> (
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = crate::cmd::seg::parse_device(&args.device)?;
+    let device = crate::device::resolve(&args.device)?;
     if let Some(iters) = args.bench {
         return bench(&args, device, iters.max(1));
     }
@@ -209,7 +173,10 @@ pub fn run(args: Args) -> Result<()> {
             images: args.images.clone(),
             device,
         };
-        return crate::cmd::seg::predict_with(&o);
+        // Autocast is thread state: the segmentor's forward passes run in this thread.
+        return amp::autocast(device, precision(&args), || {
+            crate::cmd::seg::predict_with(&o)
+        });
     }
     let (_vs, det) = load_detector(&args.preset, &weights, args.drop_class_layers, device)?;
     std::fs::create_dir_all(&args.out_dir)
@@ -229,7 +196,9 @@ pub fn run(args: Args) -> Result<()> {
         };
         let (x, meta) = prepare(&img, &pipe, device);
         let t0 = std::time::Instant::now();
-        let dets = det.predict(&x, std::slice::from_ref(&meta));
+        let dets = amp::autocast(device, precision(&args), || {
+            det.predict(&x, std::slice::from_ref(&meta))
+        });
         let d = &dets[0];
         let file_name = path
             .file_name()

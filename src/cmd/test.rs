@@ -3,13 +3,13 @@
 //! COCO results file and evaluate it with cnx-eval (pycocotools' numbers). Images that cannot
 //! be read are named, counted and skipped. `upernet_*` presets run ADE20K through `cmd::seg`.
 
-use crate::cmd::predict::AnyDetector;
 use anyhow::{bail, Context, Result};
 use cnx_datasets::loader::collate_det;
 use cnx_datasets::pipeline::TestPipeline;
 use cnx_datasets::CocoDataset;
 use cnx_eval::coco::{evaluate, parse_results, CocoGt, IouType, Summary};
 use cnx_heads::results::{to_coco, CocoResult};
+use cnx_heads::TwoStageDetector;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use tch::Device;
@@ -56,7 +56,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = crate::cmd::seg::parse_device(&args.device)?;
+    let device = crate::device::resolve(&args.device)?;
     if args.preset.starts_with("upernet_") {
         let mode = match args.mode.as_deref() {
             None => None,
@@ -111,7 +111,7 @@ pub fn run(args: Args) -> Result<()> {
 /// Run `det` over the COCO dataset `ann` / `img_dir` (the first `limit` images), write the
 /// results file `out` and evaluate it against all of `ann`'s ground truth, one summary per type.
 pub fn coco_test(
-    det: &AnyDetector,
+    det: &TwoStageDetector,
     ann: &Path,
     img_dir: &Path,
     limit: Option<usize>,

@@ -11,10 +11,10 @@ use cnx_datasets::ade::{AdeDataset, AdeTestIter, AdeTrain, SegBatch, SegTrainPip
 use cnx_datasets::{
     CocoDataset, CocoTrain, DetBatch, Loader, LoaderConfig, TestIter, TestPipeline, TrainPipeline,
 };
-use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
+use cnx_heads::cascade::CascadeConfig;
 use cnx_heads::detector::BackboneCfg;
 use cnx_heads::segmentor::{BackboneSpec, SegmentorConfig, TestMode};
-use cnx_heads::{Detector, DetectorConfig};
+use cnx_heads::{DetectorConfig, TwoStageDetector};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -130,7 +130,7 @@ pub fn trainable_parameters(cfg: &Config) -> Result<Vec<(String, Vec<i64>)>> {
             cnx_heads::segmentor::Segmentor::new_uninit(&vs.root(), &segmentor_config(cfg)?)
                 .map_err(|e| anyhow!("{e}"))?,
         ),
-        _ => drop(DetModel::new(&vs.root(), cfg)?),
+        _ => drop(build_detector(&vs.root(), cfg)?),
     }
     let mut v: Vec<(String, Vec<i64>)> = vs
         .variables()
@@ -142,34 +142,13 @@ pub fn trainable_parameters(cfg: &Config) -> Result<Vec<(String, Vec<i64>)>> {
     Ok(v)
 }
 
-/// The two detectors behind one interface.
-enum DetModel {
-    Mask(Box<Detector>),
-    Cascade(Box<CascadeDetector>),
-}
-
-impl DetModel {
-    fn new(root: &nn::Path, cfg: &Config) -> Result<Self> {
-        Ok(match cfg.model.arch {
-            Arch::CascadeMaskRcnn => {
-                DetModel::Cascade(Box::new(CascadeDetector::new(root, &cascade_config(cfg)?)))
-            }
-            _ => DetModel::Mask(Box::new(Detector::new(root, &detector_config(cfg)?))),
-        })
-    }
-
-    fn losses(&self, b: &DetBatch, d: Device) -> cnx_heads::Losses {
-        match self {
-            DetModel::Mask(m) => m.forward_train_batch(b, d),
-            DetModel::Cascade(m) => m.forward_train_batch(b, d),
-        }
-    }
-    fn predict_batch(&self, b: &DetBatch, d: Device) -> Vec<cnx_heads::Detections> {
-        match self {
-            DetModel::Mask(m) => m.predict_batch(b, d),
-            DetModel::Cascade(m) => m.predict_batch(b, d),
-        }
-    }
+/// The detector a config describes: Mask R-CNN or Cascade Mask R-CNN, one type with the RoI
+/// stage its architecture asks for.
+fn build_detector(root: &nn::Path, cfg: &Config) -> Result<TwoStageDetector> {
+    Ok(match cfg.model.arch {
+        Arch::CascadeMaskRcnn => TwoStageDetector::new(root, &cascade_config(cfg)?),
+        _ => TwoStageDetector::new(root, &detector_config(cfg)?),
+    })
 }
 
 /// The heads crate's segmentor config for an engine config.
@@ -248,6 +227,29 @@ pub fn check_data(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Fail before any work starts when files the datasets name are missing, naming all of them
+/// (the first 20 per set, with the totals): a long run should not stop at the first one hours
+/// in, nor should fixing a dataset take one rerun per missing file.
+fn ensure_files_exist(sets: &[(&str, Vec<PathBuf>)]) -> Result<()> {
+    let mut msgs = Vec::new();
+    for (what, paths) in sets {
+        let missing = cnx_datasets::check::missing_files(paths);
+        if !missing.is_empty() {
+            msgs.push(format!(
+                "{what}: {}",
+                cnx_datasets::check::missing_message(&missing, paths.len(), 20)
+            ));
+        }
+    }
+    if !msgs.is_empty() {
+        bail!(
+            "{}\n(`cnx data check` decodes every image and lists every problem)",
+            msgs.join("\n")
+        );
+    }
+    Ok(())
+}
+
 /// Build the task a config describes, on `device`.
 pub fn build(cfg: &Config, device: Device) -> Result<Box<dyn DemoTask>> {
     check_data(cfg)?;
@@ -279,7 +281,7 @@ fn loader_config(cfg: &Config) -> LoaderConfig {
 pub struct DetTask {
     vs: nn::VarStore,
     backbone: BackboneConfig,
-    model: DetModel,
+    model: TwoStageDetector,
     device: Device,
     batch_size: usize,
     loader_cfg: LoaderConfig,
@@ -310,6 +312,16 @@ impl DetTask {
             CocoDataset::load(&val_ann, root.join(&cfg.data.val_images))
                 .context("validation set")?,
         );
+        ensure_files_exist(&[
+            (
+                "training set",
+                cnx_datasets::check::coco_image_paths(&train),
+            ),
+            (
+                "validation set",
+                cnx_datasets::check::coco_image_paths(&val),
+            ),
+        ])?;
         if train.num_classes() as i64 != cfg.model.num_classes {
             bail!(
                 "model.num_classes = {} but {} has {} categories",
@@ -332,7 +344,7 @@ impl DetTask {
         };
         let source = Arc::new(CocoTrain::new(train, pipeline));
         let vs = nn::VarStore::new(device);
-        let model = DetModel::new(&vs.root(), cfg)?;
+        let model = build_detector(&vs.root(), cfg)?;
         let loader_cfg = loader_config(cfg);
         let bs = cfg.data.batch_size;
         // Batches per epoch as the loader's group sampler makes them (per aspect group).
@@ -410,7 +422,7 @@ impl TrainTask for DetTask {
         } else {
             (batch.epoch as u64, batch.iter as u64 + 1)
         };
-        let losses = self.model.losses(&batch, self.device);
+        let losses = self.model.forward_train_batch(&batch, self.device);
         Ok(losses.0.into_iter().filter_map(loss_term).collect())
     }
     fn evaluate(&mut self, out_dir: &Path) -> Result<BTreeMap<String, f64>> {
@@ -580,6 +592,10 @@ impl SegTask {
         let val = Arc::new(
             AdeDataset::load(root, &split(&cfg.data.val_images)).context("validation set")?,
         );
+        ensure_files_exist(&[
+            ("training set", cnx_datasets::check::ade_paths(&train)),
+            ("validation set", cnx_datasets::check::ade_paths(&val)),
+        ])?;
         let [long, short] = cfg.data.img_scale;
         let [ch, cw] = cfg.data.crop_size;
         let pipeline = match cfg.data.pipeline.as_str() {
