@@ -37,9 +37,11 @@ demo: build
 demo-seg: build
 	$(BIN) demo seg
 
+# The GPU check script's dry run (CPU, tiny inputs) keeps it working between GPU visits (~1-2 min).
 test: setup
 	$(CARGO) build --release
 	$(CARGO) test --release --workspace
+	GPU_CHECK_DRY=1 bash scripts/gpu_check.sh
 
 lint: setup
 	$(CARGO) fmt --all -- --check

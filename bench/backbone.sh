@@ -12,7 +12,7 @@ BATCH=${BATCH:-8}
 SIZE=${SIZE:-224}
 ITERS=${ITERS:-20}
 THREADS=${THREADS:-$(nproc)}
-common=(--model "$MODEL" --batch "$BATCH" --size "$SIZE" --iters "$ITERS" --threads "$THREADS")
+common=(--model "$MODEL" --batch "$BATCH" --size "$SIZE" --iters "$ITERS" --threads "$THREADS" --device cpu)
 
 # Alternate the order across two rounds so neither side always runs on a cooler machine.
 ours1=$("$BIN" bench-forward "${common[@]}")

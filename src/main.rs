@@ -4,6 +4,7 @@
 //! optimizer groups, schedules, checkpoints) lives under `engine/`.
 
 mod cmd;
+mod device;
 mod engine;
 
 use clap::{Parser, Subcommand};

@@ -2,6 +2,7 @@
 //! comparison rows), checkpoint loading for the formats people have, and parameter / FLOP
 //! counting from the real model.
 
+pub mod autocast;
 pub mod checkpoint;
 pub mod config;
 pub mod convnext;

@@ -137,21 +137,36 @@ impl WindowAttention {
         let q = qkv.get(0) * self.scale;
         let k = qkv.get(1);
         let v = qkv.get(2);
-        let mut attn = matmul(&q, &k.transpose(-2, -1));
+        let attn = matmul(&q, &k.transpose(-2, -1));
         let bias = self
             .table
             .index_select(0, &self.index)
             .view([n, n, h])
             .permute([2, 0, 1])
             .unsqueeze(0);
-        attn += bias;
+        // Out of place, as mmdet's WindowMSA: under autocast the fp16/bf16 logits plus the fp32
+        // bias table promote to fp32, and the mask and softmax then run in fp32 (softmax is on
+        // autocast's fp32 list; an explicit reduced dtype would override that, so ask for fp32).
+        let mut attn = attn + bias;
         if let Some(m) = mask {
             let nw = m.size()[0];
             attn = (attn.view([-1, nw, h, n, n]) + m.unsqueeze(1).unsqueeze(0)).view([-1, h, n, n]);
         }
-        let attn = attn.softmax(-1, attn.kind());
+        let attn = attn.softmax(-1, softmax_kind(&attn));
+        // Back to the values' precision for the product (what autocast's matmul casts to anyway;
+        // a no-op in fp32).
+        let attn = attn.to_kind(v.kind());
         let y = matmul(&attn, &v).transpose(1, 2).reshape([b_, n, c]);
         self.proj.forward(&y)
+    }
+}
+
+/// Softmax dtype of window attention: fp32 for reduced-precision logits (PyTorch autocast's
+/// policy for softmax), the logits' own for fp32 / fp64.
+fn softmax_kind(logits: &Tensor) -> Kind {
+    match logits.kind() {
+        Kind::Half | Kind::BFloat16 => Kind::Float,
+        k => k,
     }
 }
 

@@ -2,11 +2,13 @@
 //! scripts/gpu_check.sh. Prints one JSON object: median / mean milliseconds per forward and the
 //! process's peak RSS, measured the same way as the PyTorch side (bench/backbone.py).
 
+use crate::engine::amp;
+use crate::engine::config::Amp;
 use anyhow::Result;
 use cnx_backbone::convnext::{ConvNeXt, ConvNeXtConfig};
 use std::time::Instant;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -20,8 +22,8 @@ pub struct Args {
     pub iters: usize,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto, cpu, cuda or cuda:N (auto: cuda:0 when libtorch sees a GPU).
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// Run under bf16 autocast (CUDA).
     #[arg(long)]
@@ -58,7 +60,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
-    let device = super::classify::parse_device(&args.device)?;
+    let device = crate::device::resolve(&args.device)?;
     let cfg = ConvNeXtConfig::by_name(&args.model)?;
     let vs = VarStore::new(device);
     let net = ConvNeXt::new(vs.root(), &cfg);
@@ -84,19 +86,11 @@ pub fn run(args: Args) -> Result<()> {
             }
         });
     }
-    if args.bf16 {
-        crate::engine::amp::set_cuda_autocast_dtype(crate::engine::config::Amp::Bf16)?;
-    }
+    let amp = if args.bf16 { Amp::Bf16 } else { Amp::None };
     let step = || {
         tch::no_grad(|| {
-            let y = if args.bf16 {
-                tch::autocast(true, || net.forward_logits(&x, false))
-            } else {
-                net.forward_logits(&x, false)
-            };
-            if let Device::Cuda(_) = device {
-                tch::Cuda::synchronize(0);
-            }
+            let y = amp::autocast(device, amp, || net.forward_logits(&x, false));
+            crate::device::synchronize(device);
             y
         })
     };
@@ -121,7 +115,7 @@ pub fn run(args: Args) -> Result<()> {
         "model": args.model,
         "batch": args.batch,
         "size": args.size,
-        "device": args.device,
+        "device": crate::device::label(device),
         "bf16": args.bf16,
         "channels_last": args.channels_last,
         "threads": tch::get_num_threads(),

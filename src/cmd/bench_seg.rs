@@ -2,11 +2,13 @@
 //! bench/segmentation.sh and scripts/gpu_check.sh. Random weights of a segmentation preset,
 //! eval mode, no grad; prints one JSON object (median / mean ms per image, images/s).
 
+use crate::engine::amp;
+use crate::engine::config::Amp;
 use anyhow::Result;
 use cnx_heads::segmentor::{Segmentor, SegmentorConfig, TestMode};
 use std::time::Instant;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,8 +24,8 @@ pub struct Args {
     pub iters: usize,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto, cpu, cuda or cuda:N (auto: cuda:0 when libtorch sees a GPU).
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// Run under bf16 autocast (CUDA).
     #[arg(long)]
@@ -31,25 +33,17 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = super::seg::parse_device(&args.device)?;
+    let device = crate::device::resolve(&args.device)?;
     let mode: TestMode = args.mode.parse()?;
     let cfg = SegmentorConfig::preset(&args.preset)?;
     let vs = VarStore::new(device);
     let seg = Segmentor::new(&vs.root(), &cfg)?;
     let (h, w) = args.input;
     let x = Tensor::randn([1, 3, h, w], (Kind::Float, device));
-    if args.bf16 {
-        crate::engine::amp::set_cuda_autocast_dtype(crate::engine::config::Amp::Bf16)?;
-    }
+    let amp = if args.bf16 { Amp::Bf16 } else { Amp::None };
     let step = || {
-        let y = if args.bf16 {
-            tch::autocast(true, || seg.inference_logits(&x, mode, [h, w]))
-        } else {
-            seg.inference_logits(&x, mode, [h, w])
-        };
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
+        let y = amp::autocast(device, amp, || seg.inference_logits(&x, mode, [h, w]));
+        crate::device::synchronize(device);
         y
     };
     for _ in 0..args.warmup {
@@ -69,7 +63,7 @@ pub fn run(args: Args) -> Result<()> {
         "preset": args.preset,
         "input": [h, w],
         "mode": args.mode,
-        "device": args.device,
+        "device": crate::device::label(device),
         "bf16": args.bf16,
         "threads": tch::get_num_threads(),
         "median_ms": median,

@@ -44,8 +44,8 @@ pub struct Args {
     /// Print JSON: [{"image": path, "top": [{"class": index, "prob": p}, ...]}, ...].
     #[arg(long)]
     pub json: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto, cpu, cuda or cuda:N (auto: cuda:0 when libtorch sees a GPU).
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// Images (JPEG or PNG).
     #[arg(required = true)]
@@ -62,30 +62,6 @@ struct Top {
 struct Prediction {
     image: String,
     top: Vec<Top>,
-}
-
-/// `cpu`, `cuda`, `cuda:N`; CUDA must actually be available.
-pub fn parse_device(s: &str) -> Result<Device> {
-    let d = match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        _ => match s
-            .strip_prefix("cuda:")
-            .and_then(|i| i.parse::<usize>().ok())
-        {
-            Some(i) => Device::Cuda(i),
-            None => bail!("unknown device '{s}' (cpu, cuda or cuda:N)"),
-        },
-    };
-    if let Device::Cuda(i) = d {
-        if !tch::Cuda::is_available() || i as i64 >= tch::Cuda::device_count() {
-            bail!(
-                "device '{s}' requested but libtorch sees {} CUDA device(s)",
-                tch::Cuda::device_count()
-            );
-        }
-    }
-    Ok(d)
 }
 
 /// Loads an image and applies the evaluation transform; returns a 3 x size x size f32 tensor.
@@ -168,7 +144,7 @@ pub fn run(args: Args) -> Result<()> {
     for p in &args.images {
         std::fs::File::open(p).with_context(|| format!("cannot read image {}", p.display()))?;
     }
-    let device = parse_device(&args.device)?;
+    let device = crate::device::resolve(&args.device)?;
     let (_vs, net) = load_classifier(&args.model, &args.weights, device)?;
     let classes = net.config.num_classes;
     let names: Vec<&str> = if classes == 1000 {

@@ -111,7 +111,11 @@ fn groups_report(cfg: &Config, json: bool) -> Result<String> {
             g.layer_id, g.lr_scale, g.weight_decay, g.name
         );
     }
-    s += &format!("{} trainable parameters in {} groups\n", of.len(), groups.len());
+    s += &format!(
+        "{} trainable parameters in {} groups\n",
+        of.len(),
+        groups.len()
+    );
     Ok(s)
 }
 
@@ -138,18 +142,27 @@ mod tests {
                 );
                 continue;
             }
-            let want: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+            let want: Value =
+                serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
             let cfg = p.config();
             let got: Value = serde_json::from_str(&groups_report(&cfg, true).unwrap()).unwrap();
             assert_eq!(got["preset"], p.name);
-            assert_eq!(got["base_lr"].as_f64(), want["optimizer"]["lr"].as_f64(), "{}", p.name);
+            assert_eq!(
+                got["base_lr"].as_f64(),
+                want["optimizer"]["lr"].as_f64(),
+                "{}",
+                p.name
+            );
             assert_eq!(
                 cfg.optimizer.num_layers,
                 want["paramwise_cfg"]["num_layers"].as_i64().unwrap(),
                 "{}",
                 p.name
             );
-            let (g, w) = (got["params"].as_object().unwrap(), want["params"].as_object().unwrap());
+            let (g, w) = (
+                got["params"].as_object().unwrap(),
+                want["params"].as_object().unwrap(),
+            );
             let missing: Vec<&String> = w.keys().filter(|k| !g.contains_key(*k)).collect();
             let extra: Vec<&String> = g.keys().filter(|k| !w.contains_key(*k)).collect();
             assert!(
@@ -161,8 +174,18 @@ mod tests {
                 let (scale, wd) = (v[0].as_f64().unwrap(), v[1].as_f64().unwrap());
                 let ours = &g[name];
                 let d = (ours["lr_scale"].as_f64().unwrap() - scale).abs();
-                assert!(d < 1e-9, "{} {name}: lr scale {} vs {scale}", p.name, ours["lr_scale"]);
-                assert_eq!(ours["weight_decay"].as_f64().unwrap(), wd, "{} {name}", p.name);
+                assert!(
+                    d < 1e-9,
+                    "{} {name}: lr scale {} vs {scale}",
+                    p.name,
+                    ours["lr_scale"]
+                );
+                assert_eq!(
+                    ours["weight_decay"].as_f64().unwrap(),
+                    wd,
+                    "{} {name}",
+                    p.name
+                );
             }
             checked += 1;
         }
@@ -193,8 +216,12 @@ mod tests {
             for (name, v) in w {
                 let sw = (v[0].as_f64().unwrap(), v[1].as_f64().unwrap());
                 if let Some(rest) = name.strip_prefix("backbone.") {
-                    let shape: Vec<i64> =
-                        v[2].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+                    let shape: Vec<i64> = v[2]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_i64().unwrap())
+                        .collect();
                     let t = tch::Tensor::zeros(shape.as_slice(), tch::kind::FLOAT_CPU);
                     backbone.push((rest.to_string(), t, sw));
                 } else {
@@ -206,7 +233,11 @@ mod tests {
                 assert_eq!(mapped.len(), 1, "{preset}: backbone.{rest} has no cnx name");
                 expect.insert(format!("backbone.{}", mapped[0].0), sw);
             }
-            assert_eq!(expect.len(), w.len(), "{preset}: two fixture names map to one");
+            assert_eq!(
+                expect.len(),
+                w.len(),
+                "{preset}: two fixture names map to one"
+            );
             let got: Value = serde_json::from_str(&groups_report(&cfg, true).unwrap()).unwrap();
             let g = got["params"].as_object().unwrap();
             let missing: Vec<&String> = expect.keys().filter(|k| !g.contains_key(*k)).collect();
@@ -218,8 +249,15 @@ mod tests {
             let mut no_decay = 0;
             for (name, (scale, wd)) in &expect {
                 let ours = &g[name];
-                assert!((ours["lr_scale"].as_f64().unwrap() - scale).abs() < 1e-9, "{name}");
-                assert_eq!(ours["weight_decay"].as_f64().unwrap(), *wd, "{preset} {name}");
+                assert!(
+                    (ours["lr_scale"].as_f64().unwrap() - scale).abs() < 1e-9,
+                    "{name}"
+                );
+                assert_eq!(
+                    ours["weight_decay"].as_f64().unwrap(),
+                    *wd,
+                    "{preset} {name}"
+                );
                 no_decay += usize::from(*wd == 0.0);
             }
             // Swin rows exempt their norms and tables; ResNet rows (BN: "bn") exempt nothing.
@@ -232,7 +270,9 @@ mod tests {
     /// The text report lists every trainable parameter with its layer id.
     #[test]
     fn groups_text_report_lists_every_parameter() {
-        let cfg = presets::find("demo_mask_rcnn_convnext_nano").unwrap().config();
+        let cfg = presets::find("demo_mask_rcnn_convnext_nano")
+            .unwrap()
+            .config();
         let n = tasks::trainable_parameters(&cfg).unwrap().len();
         let s = groups_report(&cfg, false).unwrap();
         assert!(s.contains("backbone.downsample_layers.0.0.weight"), "{s}");

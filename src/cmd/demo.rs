@@ -85,6 +85,7 @@ pub fn run(args: Args) -> Result<()> {
         stop_at: None,
         quiet: false,
         no_eval: false,
+        ..Default::default()
     };
     let (summary, mut task) = train_config(&cfg, &opts)?;
     if summary.interrupted {

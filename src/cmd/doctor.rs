@@ -76,7 +76,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// libtorch's C API (as tch exposes it) has no device-name call, so ask the CUDA driver directly.
 /// Only reached when libtorch already found a device, so the driver library is present.
-fn device_name(index: i32) -> String {
+pub(crate) fn device_name(index: i32) -> String {
     let fallback = || format!("cuda:{index}");
     // SAFETY: the three driver entry points have these C signatures in every CUDA release.
     unsafe {

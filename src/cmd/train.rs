@@ -65,7 +65,7 @@ pub fn train_config(
     opts: &RunOptions,
 ) -> Result<(Summary, Box<dyn tasks::DemoTask>)> {
     cfg.validate()?;
-    let device = trainer::device_of(&cfg.runtime.device)?;
+    let device = crate::device::resolve(&cfg.runtime.device)?;
     if cfg.runtime.threads > 0 {
         tch::set_num_threads(cfg.runtime.threads);
     }
@@ -102,6 +102,7 @@ pub fn run(args: Args) -> Result<()> {
         stop_at: args.stop_at,
         quiet: false,
         no_eval: args.no_eval,
+        ..Default::default()
     };
     let (s, _task) = train_config(&cfg, &opts)?;
     if args.json {

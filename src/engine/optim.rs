@@ -10,8 +10,8 @@ use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
-/// Layer id of a parameter under mmcv's layer-wise rule for ConvNeXt (`num_layers` = 6 for the
-/// paper's detectors): stem 0, stage 0 → 1, downsample/stage 1 → 2, downsample 2 → 3, stage 2
+/// Layer id of a parameter under the official layer-wise rule for ConvNeXt (`num_layers` = 6 for
+/// T, 12 for the 27-block S/B/L/XL): stem 0, stage 0 → 1, downsample/stage 1 → 2, downsample 2 → 3, stage 2
 /// block b → 3 + b/3, downsample/stage 3 → num_layers, everything else num_layers + 1.
 pub fn layer_id_layer_wise(name: &str, num_layers: i64) -> i64 {
     if matches!(
@@ -82,9 +82,9 @@ pub struct ParamGroup {
 
 /// Group assignment of one named parameter: (group name, layer id, lr scale, weight decay).
 pub fn assign(name: &str, shape: &[i64], cfg: &OptimizerConfig) -> (String, i64, f64, f64) {
-    let no_decay = shape.len() == 1
-        || name.ends_with(".bias")
-        || matches!(name, "pos_embed" | "cls_token")
+    let one_d_or_bias =
+        shape.len() == 1 || name.ends_with(".bias") || matches!(name, "pos_embed" | "cls_token");
+    let no_decay = (cfg.no_decay_1d_and_bias && one_d_or_bias)
         || cfg.no_decay_keys.iter().any(|k| name.contains(k.as_str()));
     let (kind, wd) = if no_decay {
         ("no_decay", 0.0)
@@ -266,27 +266,36 @@ impl AdamW {
         });
     }
 
-    /// Global L2 norm of all gradients (for clipping and logging).
+    /// Global L2 norm of all gradients (clipping, logging), which is also the finite check of
+    /// fp16 loss scaling: it is inf/nan exactly when some gradient element is, because the
+    /// per-tensor norms accumulate in fp64, where squares of finite fp32 values cannot
+    /// overflow. The per-tensor norms stay on the device, are stacked and reduced there, and
+    /// one value is read back: one host synchronisation per iteration, not one per parameter.
+    /// 0 when no parameter has a gradient.
     pub fn grad_norm(&self) -> f64 {
         tch::no_grad(|| {
-            let mut acc = Tensor::zeros([], (Kind::Double, tch::Device::Cpu));
-            for p in self.params.values() {
-                let g = p.grad();
-                if g.defined() {
-                    let n = g
-                        .to_kind(Kind::Double)
-                        .pow_tensor_scalar(2)
-                        .sum(Kind::Double)
-                        .to_device(tch::Device::Cpu);
-                    acc += n;
-                }
+            let norms: Vec<Tensor> = self
+                .params
+                .values()
+                .map(|p| p.grad())
+                .filter(|g| g.defined())
+                .map(|g| g.norm_scalaropt_dtype(2.0, Kind::Double))
+                .collect();
+            if norms.is_empty() {
+                return 0.0;
             }
-            acc.sqrt().double_value(&[])
+            Tensor::stack(&norms, 0)
+                .norm_scalaropt_dtype(2.0, Kind::Double)
+                .double_value(&[])
         })
     }
 
-    /// Multiply every gradient by `f` (clipping, unscaling).
+    /// Multiply every gradient by `f` (clipping, unscaling), in place on the device: no host
+    /// read.
     pub fn scale_grads(&self, f: f64) {
+        if f == 1.0 {
+            return;
+        }
         tch::no_grad(|| {
             for p in self.params.values() {
                 let mut g = p.grad();
@@ -297,14 +306,11 @@ impl AdamW {
         });
     }
 
-    /// True when every gradient is finite (fp16 loss scaling skips the step otherwise).
+    /// True when every gradient is finite (fp16 loss scaling skips the step otherwise); one
+    /// host read, through [`AdamW::grad_norm`] (the trainer uses the norm directly).
+    #[cfg(test)]
     pub fn grads_finite(&self) -> bool {
-        tch::no_grad(|| {
-            self.params.values().all(|p| {
-                let g = p.grad();
-                !g.defined() || g.isfinite().all().int64_value(&[]) != 0
-            })
-        })
+        self.grad_norm().is_finite()
     }
 
     /// Moments as named tensors for a checkpoint (`exp_avg.<param>`, `exp_avg_sq.<param>`).
@@ -359,22 +365,22 @@ mod tests {
     use crate::engine::presets;
 
     /// Expected (layer id, decay?) of a parameter, written from recipes.md's text independently
-    /// of the implementation above.
-    fn expected_det(name: &str, ndim: usize) -> (i64, bool) {
+    /// of the implementation above; `n` is the config's `num_layers`.
+    fn expected_det(name: &str, ndim: usize, n: i64) -> (i64, bool) {
         let decay = !(ndim == 1 || name.ends_with(".bias"));
         let f: Vec<&str> = name.split('.').collect();
         let id = if f[0] == "backbone" && f[1] == "downsample_layers" {
-            [0, 2, 3, 6][f[2].parse::<usize>().unwrap()]
+            [0, 2, 3, n][f[2].parse::<usize>().unwrap()]
         } else if f[0] == "backbone" && f[1] == "stages" {
             let (s, b): (usize, i64) = (f[2].parse().unwrap(), f[3].parse().unwrap());
-            [1, 2, 3 + b / 3, 6][s]
+            [1, 2, 3 + b / 3, n][s]
         } else {
-            7
+            n + 1
         };
         (id, decay)
     }
 
-    fn expected_seg(name: &str, ndim: usize) -> (i64, bool) {
+    fn expected_seg(name: &str, ndim: usize, n: i64) -> (i64, bool) {
         let decay = !(ndim == 1 || name.ends_with(".bias"));
         let f: Vec<&str> = name.split('.').collect();
         let id = if f[0] == "backbone" && f[1] == "downsample_layers" {
@@ -382,7 +388,7 @@ mod tests {
         } else if f[0] == "backbone" && f[1] == "stages" {
             f[2].parse::<i64>().unwrap() + 1
         } else {
-            7
+            n + 1
         };
         (id, decay)
     }
@@ -444,21 +450,32 @@ mod tests {
         v
     }
 
-    /// Check every (name, shape) against the expected mapping for a preset's optimizer config.
+    /// Check every (name, shape) against the expected mapping for a preset's optimizer config:
+    /// `num_layers` is 6 when `stages.2` has 9 blocks (T) and 12 when it has 27 (S/B/L/XL).
     pub(crate) fn check_groups(params: &[(String, Vec<i64>)], preset: &str) {
         let cfg = presets::find(preset).unwrap().config().optimizer;
+        let blocks = params
+            .iter()
+            .filter(|(p, _)| p.starts_with("backbone.stages.2.") && p.ends_with(".dwconv.weight"))
+            .count();
+        let n = match blocks {
+            9 => 6,
+            27 => 12,
+            b => panic!("{preset}: {b} blocks in stages.2"),
+        };
+        assert_eq!(cfg.num_layers, n, "{preset}");
         let groups = build_groups(params, &cfg, cfg.lr);
         let mut seen = 0;
         for g in &groups {
             for p in &g.params {
                 let shape = &params.iter().find(|(n, _)| n == p).unwrap().1;
                 let (id, decay) = match cfg.decay_type {
-                    DecayType::LayerWise => expected_det(p, shape.len()),
-                    _ => expected_seg(p, shape.len()),
+                    DecayType::LayerWise => expected_det(p, shape.len(), n),
+                    _ => expected_seg(p, shape.len(), n),
                 };
                 assert_eq!(g.layer_id, id, "{p}");
                 assert_eq!(g.weight_decay, if decay { 0.05 } else { 0.0 }, "{p}");
-                let scale = cfg.decay_rate.powi((8 - id - 1) as i32);
+                let scale = cfg.decay_rate.powi((n + 2 - id - 1) as i32);
                 assert!((g.lr_scale - scale).abs() < 1e-15, "{p}");
                 assert!((g.initial_lr - cfg.lr * scale).abs() < 1e-18, "{p}");
                 seen += 1;
@@ -474,6 +491,24 @@ mod tests {
         check_groups(&names, "upernet_convnext_tiny_512_160k");
         let names = convnext_names(&[3, 3, 27, 3], &[128, 256, 512, 1024]);
         check_groups(&names, "cascade_mask_rcnn_convnext_base_3x");
+        check_groups(&names, "upernet_convnext_base_512_160k");
+        // With 12 layers the last stages.2 block is layer 11 and the stem layer 0: at decay 0.8
+        // they get 0.8^2 and 0.8^13 of the base lr (6 layers gave them 0.8^-4 and 0.8^7).
+        let cfg = presets::find("cascade_mask_rcnn_convnext_base_3x")
+            .unwrap()
+            .config()
+            .optimizer;
+        let g = build_groups(&names, &cfg, 1.0);
+        let scale_of = |p: &str| {
+            g.iter()
+                .find(|g| g.params.iter().any(|x| x == p))
+                .unwrap()
+                .lr_scale
+        };
+        assert!((scale_of("backbone.stages.2.26.pwconv1.weight") - 0.8f64.powi(2)).abs() < 1e-15);
+        assert!(
+            (scale_of("backbone.downsample_layers.0.0.weight") - 0.8f64.powi(13)).abs() < 1e-15
+        );
         let cfg = presets::find("mask_rcnn_convnext_tiny_3x")
             .unwrap()
             .config()
@@ -555,6 +590,7 @@ mod tests {
             base_batch_size: 16,
             scale_lr: false,
             no_decay_keys: vec![],
+            no_decay_1d_and_bias: true,
         };
         let w = t["w0"].copy().set_requires_grad(true);
         let b = t["b0"].copy().set_requires_grad(true);

@@ -415,14 +415,7 @@ fn recipe_amp(size: &str) -> Amp {
     }
 }
 
-fn det(
-    arch: Arch,
-    size: &str,
-    in22k: bool,
-    lr: f64,
-    decay_rate: f64,
-    drop_path: f64,
-) -> Config {
+fn det(arch: Arch, size: &str, in22k: bool, lr: f64, decay_rate: f64, drop_path: f64) -> Config {
     let cascade = arch == Arch::CascadeMaskRcnn;
     let prefix = if cascade {
         "cascade_mask_rcnn"
@@ -738,18 +731,30 @@ mod tests {
             let c = p.config();
             let big = p.name.contains("_large_") || p.name.contains("_xlarge_");
             let toml = c.to_toml().unwrap();
-            let want = if big { "amp = \"fp32\"" } else { "amp = \"fp16\"" };
+            let want = if big {
+                "amp = \"fp32\""
+            } else {
+                "amp = \"fp16\""
+            };
             assert!(toml.contains(want), "{}: {want} not in\n{toml}", p.name);
             assert_eq!(c.runtime.amp, if big { Amp::None } else { Amp::Fp16 });
             let tiny = p.name.contains("_tiny_");
-            assert_eq!(c.optimizer.num_layers, if tiny { 6 } else { 12 }, "{}", p.name);
+            assert_eq!(
+                c.optimizer.num_layers,
+                if tiny { 6 } else { 12 },
+                "{}",
+                p.name
+            );
             seen += 1;
         }
         assert_eq!(seen, 13);
         // Older files that wrote `amp = "none"` still read as fp32.
         let mut c = find("demo_mask_rcnn_convnext_nano").unwrap().config();
         c.runtime.amp = Amp::Fp16;
-        let old = c.to_toml().unwrap().replace("amp = \"fp16\"", "amp = \"none\"");
+        let old = c
+            .to_toml()
+            .unwrap()
+            .replace("amp = \"fp16\"", "amp = \"none\"");
         let back: Config = toml::from_str(&old).unwrap();
         assert_eq!(back.runtime.amp, Amp::None);
     }

@@ -1,10 +1,12 @@
 //! The training loop shared by `cnx train` and `cnx demo`: AdamW with the recipe's parameter
 //! groups, lr schedule by iteration, autocast + loss scaling on CUDA, gradient accumulation and
 //! clipping, per-iteration reseeding (so resume is exact without saving generator state),
-//! periodic checkpoints / evaluation / plots, and failures that lose nothing (NaN stops before
-//! the bad step reaches the weights; Ctrl-C saves first).
+//! periodic checkpoints / evaluation / plots, and failures that lose nothing (a non-finite loss
+//! stops the run before the bad step reaches the weights, except under fp16 loss scaling, where
+//! the step is skipped and counted as PyTorch's GradScaler would, and only a long run of them
+//! stops it: see `engine::amp`; Ctrl-C saves first).
 
-use super::amp::{self, LossScaler};
+use super::amp::{self, LossScaler, StepOutcome, MAX_NONFINITE_LOSS_STREAK};
 use super::checkpoint::{self, ResumeState};
 use super::config::{Amp, Config};
 use super::log::{plot_curves, RunLog};
@@ -31,6 +33,9 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Skip evaluation entirely (tests).
     pub no_eval: bool,
+    /// Tests: run fp16's dynamic loss scaling (with its non-finite handling) on any device,
+    /// although autocast itself is CUDA-only.
+    pub force_loss_scaler: bool,
 }
 
 /// What a run ended with.
@@ -72,31 +77,6 @@ pub fn iteration_seed(seed: u64, iter: u64) -> i64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     ((z ^ (z >> 31)) >> 1) as i64
-}
-
-/// Resolve `runtime.device`.
-pub fn device_of(spec: &str) -> Result<Device> {
-    Ok(match spec {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => {
-            if !tch::Cuda::is_available() {
-                bail!("runtime.device = cuda but no CUDA device is available (use cpu or auto)");
-            }
-            Device::Cuda(0)
-        }
-        s if s.starts_with("cuda:") => {
-            let i: usize = s[5..].parse().with_context(|| format!("bad device {s}"))?;
-            if i as i64 >= tch::Cuda::device_count() {
-                bail!(
-                    "runtime.device = {s} but only {} CUDA devices",
-                    tch::Cuda::device_count()
-                );
-            }
-            Device::Cuda(i)
-        }
-        s => bail!("unknown runtime.device {s:?} (auto, cpu, cuda, cuda:N)"),
-    })
 }
 
 /// The lr actually used at batch size `batch x grad_accum` (linear scaling rule).
@@ -176,14 +156,32 @@ pub fn train(
     ));
     let mut opt = AdamW::new(groups, params, &cfg.optimizer)?;
 
-    let use_amp = device.is_cuda() && cfg.runtime.amp != Amp::None;
-    if use_amp {
-        amp::set_cuda_autocast_dtype(cfg.runtime.amp)?;
-    }
-    let mut scaler = LossScaler::new(use_amp && cfg.runtime.amp == Amp::Fp16);
+    // Autocast is CUDA-only here (CPU autocast trains slower than fp32 on most CPUs).
+    let amp_mode = if device.is_cuda() {
+        cfg.runtime.amp
+    } else {
+        Amp::None
+    };
+    let mut scaler = LossScaler::new(
+        amp_mode == Amp::Fp16 || (opts.force_loss_scaler && cfg.runtime.amp == Amp::Fp16),
+    );
+    let device_label = crate::device::label(device);
+    say(format!(
+        "device {}; precision {}",
+        crate::device::describe(device),
+        match (cfg.runtime.amp, amp_mode) {
+            (Amp::None, _) => "fp32".to_string(),
+            (a, Amp::None) => format!("fp32 (runtime.amp = {a:?} applies on CUDA only)"),
+            (Amp::Fp16, _) => "fp16 autocast, dynamic loss scaling".to_string(),
+            (Amp::Bf16, _) => "bf16 autocast".to_string(),
+        }
+    ));
 
     // Resume or initialise.
     let mut start = 0u64;
+    // The checkpoint resumed from, when it lives in this work dir: a run that stops before its
+    // first iteration (e.g. `--resume auto --stop-at N` to evaluate at N) does not rewrite it.
+    let mut resumed_here: Option<PathBuf> = None;
     if let Some(r) = &opts.resume {
         match checkpoint::resolve(r, &work_dir)? {
             Some((st, dir)) => {
@@ -204,6 +202,9 @@ pub fn train(
                 scaler.scale = st.loss_scale;
                 scaler.growth_tracker = st.scale_growth_tracker;
                 start = st.iter;
+                if dir.canonicalize().ok() == work_dir.canonicalize().ok() {
+                    resumed_here = Some(dir.join(&st.weights));
+                }
                 say(format!(
                     "resumed from {} at iteration {start} (epoch {}, batch {})",
                     dir.join(&st.weights).display(),
@@ -241,9 +242,14 @@ pub fn train(
     let tty = !pb.is_hidden();
 
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    // Iterations in the current log interval, and those of them whose loss terms count (a step
+    // skipped for a non-finite loss has none).
     let mut n_sum = 0u64;
+    let mut n_loss = 0u64;
+    let mut skipped_in_interval = 0u64;
+    let mut nonfinite_in_interval = 0u64;
     let mut t_log = Instant::now();
-    let mut last_weights: Option<PathBuf> = None;
+    let mut last_weights: Option<PathBuf> = resumed_here;
     let mut metrics = BTreeMap::new();
     let mut iter = start;
     let mut interrupted = false;
@@ -283,8 +289,10 @@ pub fn train(
         }
         opt.zero_grad();
         let mut terms: BTreeMap<String, f64> = BTreeMap::new();
+        // First non-finite loss term of this iteration (fp16 scaler only; otherwise it stops).
+        let mut bad_loss: Option<(String, f64)> = None;
         for _ in 0..accum {
-            let losses = tch::autocast(use_amp, || task.forward_train())?;
+            let losses = amp::autocast(device, amp_mode, || task.forward_train())?;
             if losses.is_empty() {
                 bail!("the model returned no loss terms");
             }
@@ -297,8 +305,8 @@ pub fn train(
             )
             .to_device(Device::Cpu);
             let vals: Vec<f64> = Vec::<f64>::try_from(vals.to_kind(Kind::Double))?;
-            for ((name, _), v) in losses.iter().zip(&vals) {
-                if !v.is_finite() {
+            if let Some(((name, _), v)) = losses.iter().zip(&vals).find(|(_, v)| !v.is_finite()) {
+                if !scaler.enabled {
                     pb.abandon();
                     bail!(
                         "loss term {name} is {v} at iteration {} (epoch {}): training stopped; the last good checkpoint is {}",
@@ -307,6 +315,14 @@ pub fn train(
                         last_weights.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint written yet)".into())
                     );
                 }
+                bad_loss.get_or_insert((name.clone(), *v));
+            }
+            // Once the step is lost, the remaining micro-batches still run forward (the data
+            // order stays that of an uninterrupted run) but spend no backward.
+            if bad_loss.is_some() {
+                continue;
+            }
+            for ((name, _), v) in losses.iter().zip(&vals) {
                 *terms.entry(name.clone()).or_insert(0.0) += v / accum as f64;
             }
             let total = losses
@@ -316,31 +332,60 @@ pub fn train(
                 .unwrap();
             (total * (scaler.scale / accum as f64)).backward();
         }
-        let mut grad_norm = f64::NAN;
-        let finite = if scaler.enabled {
-            opt.scale_grads(1.0 / scaler.scale);
-            opt.grads_finite()
-        } else {
-            true
-        };
-        if scaler.update(finite) {
-            if cfg.runtime.clip_grad_norm > 0.0 {
-                grad_norm = opt.grad_norm();
-                let coef = cfg.runtime.clip_grad_norm / (grad_norm + 1e-6);
-                if coef < 1.0 {
-                    opt.scale_grads(coef);
+        let outcome = if let Some((name, v)) = &bad_loss {
+            let streak = scaler.nonfinite_loss();
+            nonfinite_in_interval += 1;
+            let last_good = || {
+                last_weights
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none (no checkpoint written yet)".into())
+            };
+            if streak >= MAX_NONFINITE_LOSS_STREAK {
+                pb.abandon();
+                bail!(
+                    "loss non-finite for {streak} consecutive iterations under fp16 loss scaling (last: {name} = {v} at iteration {}, epoch {}; loss scale now {:e}): training stopped; the last good checkpoint is {}",
+                    iter + 1,
+                    epoch,
+                    scaler.scale,
+                    last_good()
+                );
+            }
+            if !opts.quiet {
+                let line = format!(
+                    "iteration {}: loss term {name} is {v}: step skipped, loss scale backed off to {:e} ({streak} in a row; training stops at {MAX_NONFINITE_LOSS_STREAK})",
+                    iter + 1,
+                    scaler.scale
+                );
+                if pb.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    pb.println(line);
                 }
             }
-            opt.step();
+            StepOutcome {
+                stepped: false,
+                grad_norm: f64::NAN,
+            }
+        } else {
+            scaler.finite_loss();
+            amp::finish_step(&mut opt, &mut scaler, cfg.runtime.clip_grad_norm)
+        };
+        if !outcome.stepped {
+            skipped_in_interval += 1;
         }
+        let grad_norm = outcome.grad_norm;
         iter += 1;
         pb.set_position(iter);
 
         let total_loss: f64 = terms.values().sum();
-        for (k, v) in &terms {
-            *sums.entry(k.clone()).or_insert(0.0) += v;
+        if bad_loss.is_none() {
+            for (k, v) in &terms {
+                *sums.entry(k.clone()).or_insert(0.0) += v;
+            }
+            *sums.entry("loss".into()).or_insert(0.0) += total_loss;
+            n_loss += 1;
         }
-        *sums.entry("loss".into()).or_insert(0.0) += total_loss;
         n_sum += 1;
         let lr_now = opt.groups.iter().map(|g| g.lr).fold(0.0, f64::max);
         if tty {
@@ -357,7 +402,7 @@ pub fn train(
             let dt = t_log.elapsed().as_secs_f64();
             let mut v: BTreeMap<String, f64> = sums
                 .iter()
-                .map(|(k, s)| (k.clone(), s / n_sum as f64))
+                .map(|(k, s)| (k.clone(), s / n_loss.max(1) as f64))
                 .collect();
             v.insert("lr".into(), lr_now);
             v.insert("epoch".into(), (iter - 1) as f64 / ipe as f64);
@@ -368,11 +413,18 @@ pub fn train(
             );
             if scaler.enabled {
                 v.insert("loss_scale".into(), scaler.scale);
+                v.insert("skipped_steps".into(), skipped_in_interval as f64);
+                v.insert("nonfinite_loss".into(), nonfinite_in_interval as f64);
             }
             if grad_norm.is_finite() {
                 v.insert("grad_norm".into(), grad_norm);
             }
-            log.log("train", iter, &v, &[])?;
+            log.log(
+                "train",
+                iter,
+                &v,
+                &[("device", device_label.clone().into())],
+            )?;
             if !tty && !opts.quiet {
                 let short: Vec<String> = v
                     .iter()
@@ -387,6 +439,9 @@ pub fn train(
             }
             sums.clear();
             n_sum = 0;
+            n_loss = 0;
+            skipped_in_interval = 0;
+            nonfinite_in_interval = 0;
             t_log = Instant::now();
             plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
         }
