@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 BIN=${BIN:-target/release/cnx}
-COCO=${COCO:-../shared/data/coco-tiny}
+COCO=${COCO:-tests/data/coco-tiny}
 N=${N:-160}
 BIG=${BIG:-target/bench-data/datasets/instances_big.json}
 OUT=$(mktemp -d)

@@ -14,9 +14,9 @@ use serde_json::{json, Value};
 
 const GT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/coco-tiny/annotations/instances_train2017.json"
+    "/tests/data/coco-tiny/annotations/instances_train2017.json"
 );
-const ADE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/ade-sample");
+const ADE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ade-sample");
 
 fn tmp_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

@@ -1,4 +1,4 @@
-//! The paper's COCO pipelines (mmdet 2.x semantics; see /work/shared/spec/recipes.md):
+//! The paper's COCO pipelines (mmdet 2.x semantics; see shared/spec/recipes.md):
 //! train = load → RandomFlip(0.5) → AutoAugment{multi-scale resize | resize → absolute_range
 //! crop → resize} → Normalize → Pad(32); test = load → Resize(1333, 800) keep-ratio → Normalize
 //! → Pad(32). Boxes, ignored boxes and masks follow every geometric step.

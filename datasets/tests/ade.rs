@@ -1,4 +1,4 @@
-//! ADE20K pipeline on the real sample (`shared/data/ade-sample`) and the synthetic ADE set.
+//! ADE20K pipeline on the real sample (`tests/data/ade-sample` at the repository root) and the synthetic ADE set.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use cnx_datasets::loader::keyed_rng;
 use cnx_datasets::*;
 
 fn ade_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/ade-sample")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/ade-sample")
 }
 
 #[test]

@@ -11,7 +11,7 @@ use cnx_datasets::pipeline::{load_state, State};
 use cnx_datasets::*;
 
 fn coco_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/coco-tiny")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/coco-tiny")
 }
 fn tiny() -> Arc<CocoDataset> {
     Arc::new(

@@ -15,7 +15,7 @@ fn fx_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/datasets")
 }
 fn coco_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/coco-tiny")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/coco-tiny")
 }
 fn reference() -> Value {
     let s = std::fs::read_to_string(fx_dir().join("reference.json")).unwrap();

@@ -7,7 +7,7 @@ use cnx_eval::{EvalError, Rle};
 fn gt() -> CocoGt {
     CocoGt::load(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/data/coco-tiny/annotations/instances_train2017.json"
+        "/../tests/data/coco-tiny/annotations/instances_train2017.json"
     ))
     .unwrap()
 }
@@ -123,7 +123,7 @@ fn malformed_rle_in_results_names_the_result() {
 fn malformed_polygon_in_gt_names_the_annotation() {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/data/coco-tiny/annotations/instances_train2017.json"
+        "/../tests/data/coco-tiny/annotations/instances_train2017.json"
     ))
     .unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -20,7 +20,7 @@ fn gz(name: &str) -> Vec<u8> {
 fn gt_path() -> String {
     concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/data/coco-tiny/annotations/instances_train2017.json"
+        "/../tests/data/coco-tiny/annotations/instances_train2017.json"
     )
     .to_string()
 }

@@ -29,7 +29,7 @@ fn us(v: &Value) -> usize {
 fn coco_gt() -> Value {
     let p = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/data/coco-tiny/annotations/instances_train2017.json"
+        "/../tests/data/coco-tiny/annotations/instances_train2017.json"
     );
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }

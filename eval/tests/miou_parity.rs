@@ -24,7 +24,7 @@ fn expected() -> Value {
     serde_json::from_str(&t).unwrap()
 }
 
-const ADE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/ade-sample");
+const ADE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/ade-sample");
 
 fn check(acc: &Accumulator, names: &[String], want: &Value, what: &str) -> f64 {
     let u = |k: &str| -> Vec<u64> {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tch::nn::{OptimizerConfig, VarStore};
 use tch::Device;
 
-const COCO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/coco-tiny");
+const COCO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/coco-tiny");
 
 fn small_config() -> DetectorConfig {
     let mut c = DetectorConfig::mask_rcnn_convnext("tiny").unwrap();

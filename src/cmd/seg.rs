@@ -44,19 +44,6 @@ pub struct TestOpts {
     pub device: Device,
 }
 
-/// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).
-pub fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "auto" | "" => Device::cuda_if_available(),
-        "cuda" | "gpu" => Device::Cuda(0),
-        s => match s.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
-            Some(i) => Device::Cuda(i),
-            None => bail!("unknown device '{s}' (cpu, cuda, cuda:N, auto)"),
-        },
-    })
-}
-
 /// Builds the segmentor on `device` and loads `weights` (mmseg UperNet checkpoint layout
 /// `backbone.` / `decode_head.` / `auxiliary_head.`, as .pth or the safetensors `cnx convert`
 /// writes). Everything but the auxiliary head (unused at test time) must be present with the
@@ -384,7 +371,7 @@ mod tests {
         env!("CARGO_MANIFEST_DIR"),
         "/heads/tests/fixtures/segmentation"
     );
-    const ADE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/ade-sample");
+    const ADE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ade-sample");
     const STEMS: [&str; 3] = ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"];
 
     /// The reduced 8-class model of the parity fixtures (weights in `model.pth`).

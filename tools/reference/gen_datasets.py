@@ -27,7 +27,7 @@ import mmseg.datasets.pipelines.transforms as mmseg_tf  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 OUT = os.path.join(ROOT, "datasets", "tests", "fixtures", "datasets")
-COCO_DIR = os.path.join(ROOT, "..", "shared", "data", "coco-tiny")
+COCO_DIR = os.path.join(ROOT, "tests", "data", "coco-tiny")
 os.makedirs(OUT, exist_ok=True)
 rng = np.random.RandomState(0)
 fx = {}

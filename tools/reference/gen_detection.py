@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 OUT = os.path.join(ROOT, "heads", "tests", "fixtures", "detection")
-DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "coco-tiny"))
+DATA = os.path.join(ROOT, "tests", "data", "coco-tiny")
 sys.path.insert(0, HERE)
 
 import mmcv_ext_shim  # noqa: E402

@@ -19,9 +19,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
-if not os.path.isdir(DATA):
-    DATA = "/work/shared/data"
+# Real data copied into the project (see tests/data/README.md).
+DATA = os.path.join(ROOT, "tests", "data")
 GT_PATH = os.path.join(DATA, "coco-tiny", "annotations", "instances_train2017.json")
 ADE = os.path.join(DATA, "ade-sample")
 OUT = os.path.join(ROOT, "eval", "tests", "fixtures", "eval")

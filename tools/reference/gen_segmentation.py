@@ -37,7 +37,7 @@ from mmseg.models import BACKBONES, build_segmentor  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-ADE = os.path.join(ROOT, "..", "shared", "data", "ade-sample")
+ADE = os.path.join(ROOT, "tests", "data", "ade-sample")
 OUT = os.path.join(ROOT, "heads", "tests", "fixtures", "segmentation")
 GRID = (3, 7)  # outputs are stored at pixels [3::7, 3::7]
 
