@@ -7,12 +7,14 @@
 //! * [`ade::AdeDataset`], [`ade::AdeTrain`], [`ade::AdeTestIter`]
 //! * [`mask::Masks::crop_and_resize`] (Mask R-CNN 28x28 targets)
 //! * [`synth::coco`], [`synth::ade`], [`draw`]
+//! * [`check::check_coco`], [`check::check_ade`] (`cnx data check`)
 
 // Pixel loops index several parallel buffers by channel / coordinate; iterator chains would
 // hide the correspondence with the cv2 / mmcv code they mirror.
 #![allow(clippy::needless_range_loop)]
 
 pub mod ade;
+pub mod check;
 pub mod coco;
 pub mod draw;
 pub mod error;

@@ -25,6 +25,8 @@ enum DataCmd {
     Show(ShowArgs),
     /// Counts per class, crowd regions and problems found in a COCO instances file.
     Stats(StatsArgs),
+    /// Decode every image (and ADE label map), list every problem; exit status 1 if any.
+    Check(CheckArgs),
     /// Time the COCO train pipeline (decode + flip + policy + normalize + pad).
     #[command(hide = true)]
     BenchPipeline(BenchArgs),
@@ -94,6 +96,30 @@ struct StatsArgs {
 }
 
 #[derive(Parser)]
+#[command(group(clap::ArgGroup::new("layout").required(true).args(["coco", "ade_root"])))]
+struct CheckArgs {
+    /// COCO instances JSON (with --images).
+    #[arg(long, requires = "images")]
+    coco: Option<PathBuf>,
+    /// Image directory of the COCO JSON.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// ADE20K root (ADEChallengeData2016 layout: images/<split>, annotations/<split>).
+    #[arg(long, conflicts_with = "coco")]
+    ade_root: Option<PathBuf>,
+    /// ADE split to check (default: every split present, training and validation).
+    #[arg(long, value_parser = ["training", "validation"], requires = "ade_root")]
+    split: Option<String>,
+    /// ADE class count: raw label values above it (other than 255) are out of range (default:
+    /// the root's objectInfo list, else 150).
+    #[arg(long, requires = "ade_root")]
+    num_classes: Option<usize>,
+    /// Print the report as JSON: {"images", "problems": [{"file", "kind", "detail"}], "counts"}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Parser)]
 struct BenchArgs {
     #[arg(long)]
     coco: PathBuf,
@@ -117,6 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         DataCmd::Synth(a) => run_synth(a),
         DataCmd::Show(a) => run_show(a),
         DataCmd::Stats(a) => run_stats(a),
+        DataCmd::Check(a) => run_check(a),
         DataCmd::BenchPipeline(a) => run_bench(a),
     }
 }
@@ -239,6 +266,87 @@ fn run_stats(a: StatsArgs) -> anyhow::Result<()> {
         for e in &st.image_problems {
             println!("  {e}");
         }
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr for `n` items; hidden for small sets, for --json and off a terminal
+/// (indicatif hides itself there).
+fn check_bar(n: usize, json: bool, what: &str) -> indicatif::ProgressBar {
+    if json || n < 200 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(n as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} {per_sec} eta {eta}")
+            .unwrap(),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn run_check(a: CheckArgs) -> anyhow::Result<()> {
+    use cnx_datasets::ade::AdeDataset;
+    use cnx_datasets::check;
+    let t = Instant::now();
+    let (what, report) = if let Some(ann) = &a.coco {
+        let images = a.images.clone().unwrap_or_default();
+        let ds = CocoDataset::load(ann, &images)?;
+        let pb = check_bar(ds.images.len(), a.json, "checking");
+        let r = check::check_coco(&ds, &|| pb.inc(1));
+        pb.finish_and_clear();
+        (format!("{} ({})", ann.display(), images.display()), r)
+    } else {
+        let root = a.ade_root.clone().expect("clap requires a layout");
+        let splits: Vec<&str> = match &a.split {
+            Some(s) => vec![s.as_str()],
+            None => ["training", "validation"]
+                .into_iter()
+                .filter(|s| root.join("images").join(s).is_dir())
+                .collect(),
+        };
+        if splits.is_empty() {
+            bail!(
+                "no images/training or images/validation under {} (ADE20K layout expected)",
+                root.display()
+            );
+        }
+        let mut report = check::CheckReport::default();
+        for split in &splits {
+            let ds = AdeDataset::load(&root, split)
+                .with_context(|| format!("reading the {split} split of {}", root.display()))?;
+            let n = a.num_classes.unwrap_or_else(|| check::ade_num_classes(&ds));
+            let pb = check_bar(ds.len(), a.json, split);
+            report.merge(check::check_ade(&ds, n, &|| pb.inc(1)));
+            pb.finish_and_clear();
+        }
+        (
+            format!("{} ({})", root.display(), splits.join(", ")),
+            report,
+        )
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for p in &report.problems {
+            println!("{:<18} {}: {}", p.kind.name(), p.file, p.detail);
+        }
+        println!(
+            "{what}: {} images checked in {:.1}s, {} problems",
+            report.images,
+            t.elapsed().as_secs_f64(),
+            report.problems.len()
+        );
+        for (k, n) in &report.counts {
+            println!("  {k:<18} {n}");
+        }
+    }
+    if !report.is_clean() {
+        bail!(
+            "{} problems found in {} images",
+            report.problems.len(),
+            report.images
+        );
     }
     Ok(())
 }
