@@ -256,3 +256,69 @@ fn convert_timm_and_mmdet_checkpoints() {
     assert!(p.get("backbone.stages.0.0.dwconv.weight").is_some());
     assert!(p.keys().all(|k| k.starts_with("backbone.")));
 }
+
+/// A random classifier of any family saved as safetensors in its own layout, with `rename`
+/// applied to every key (to write the layouts other tools use).
+fn classifier_checkpoint(model: &str, file: &str, rename: impl Fn(&str) -> String) -> PathBuf {
+    let path = tmp_dir().join(file);
+    tch::manual_seed(7);
+    let vs = VarStore::new(tch::Device::Cpu);
+    let _m = cnx_backbone::config::build_classifier(&vs.root(), model, 1000).unwrap();
+    let mut sd = StateDict::new();
+    for (k, v) in vs.variables() {
+        sd.insert(rename(&k), v.detach());
+    }
+    sd.write_safetensors(&path).unwrap();
+    path
+}
+
+/// `cnx classify` takes every backbone family, not only ConvNeXt: Swin-T and ResNet-50 (the
+/// latter from a torchvision-style checkpoint with a `module.` prefix and BN step counters, which
+/// must give the same predictions as plain names).
+#[test]
+fn classify_swin_and_resnet_checkpoints() {
+    let img = repo("tests/data/coco-tiny/train2017/000000008193.jpg");
+    let img = img.to_str().unwrap();
+    let run = |model: &str, w: &Path| {
+        let o = cnx(&[
+            "classify",
+            "--model",
+            model,
+            "--weights",
+            w.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--topk",
+            "3",
+            "--json",
+            img,
+        ]);
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let top = v[0]["top"].as_array().unwrap().clone();
+        assert_eq!(top.len(), 3, "{model}");
+        top
+    };
+    let swin = classifier_checkpoint("swin_tiny", "swin_tiny.safetensors", |k| k.to_string());
+    let top = run("swin_tiny", &swin);
+    let p0 = top[0]["prob"].as_f64().unwrap();
+    assert!(p0 > 0.0 && p0 <= 1.0);
+
+    let plain = classifier_checkpoint("resnet50", "r50.safetensors", |k| k.to_string());
+    let torchvision = classifier_checkpoint("resnet50", "r50_module.safetensors", |k| {
+        format!("module.{k}")
+    });
+    assert_eq!(run("resnet50", &plain), run("resnet50", &torchvision));
+
+    // A ConvNeXt name with a ResNet file is refused naming the missing head.
+    let o = cnx(&[
+        "classify",
+        "--model",
+        "swin_tiny",
+        "--weights",
+        plain.to_str().unwrap(),
+        img,
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("head.weight"), "{}", stderr(&o));
+}

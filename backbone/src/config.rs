@@ -4,8 +4,9 @@
 //!
 //! Also here, for the training engine and `cnx flops` / `cnx compare`: the backbone-transfer
 //! rows of the paper's Tables 3 and 4 ([`comparison_presets`]), the weight-decay exemptions of
-//! the Swin recipes ([`no_weight_decay`]) and the classifier models counted at 224
-//! ([`classifier_flops`]).
+//! the Swin recipes ([`no_weight_decay`]), and the ImageNet classifiers of every family
+//! ([`build_classifier`] behind the [`Classifier`] trait, for `cnx classify`; counted at 224 by
+//! [`classifier_flops`]).
 
 use crate::convnext::{ConvNeXt, ConvNeXtConfig};
 use crate::dense::DenseBackbone;
@@ -407,29 +408,83 @@ pub fn classifier_names() -> Vec<String> {
     v
 }
 
+/// An image classifier of any family: logits (N, classes) for normalised images (N,3,H,W) in
+/// evaluation mode.
+pub trait Classifier: std::fmt::Debug {
+    fn logits(&self, xs: &Tensor) -> Tensor;
+}
+
+impl Classifier for SwinTransformer {
+    fn logits(&self, xs: &Tensor) -> Tensor {
+        self.forward_cls(xs, false)
+    }
+}
+
+impl Classifier for ResNet {
+    fn logits(&self, xs: &Tensor) -> Tensor {
+        self.forward_cls(xs, false)
+    }
+}
+
+impl Classifier for RoadmapNet {
+    fn logits(&self, xs: &Tensor) -> Tensor {
+        self.forward_t(xs, false)
+    }
+}
+
+impl Classifier for ConvNeXt {
+    fn logits(&self, xs: &Tensor) -> Tensor {
+        self.forward_logits(xs, false)
+    }
+}
+
+/// The classifier `name` ([`classifier_names`] or `convnext_*`) with `num_classes` outputs,
+/// under `p` with the parameter names of its official / torchvision layout (ConvNeXt and the
+/// roadmap: `head.`; Swin: `head.`; ResNets: `fc.`). Weights are uninitialised.
+pub fn build_classifier(
+    p: &nn::Path,
+    name: &str,
+    num_classes: i64,
+) -> Result<Box<dyn Classifier>, UnknownBackbone> {
+    if let Some(mut cfg) = RoadmapConfig::by_name(name) {
+        cfg.num_classes = num_classes;
+        return Ok(Box::new(RoadmapNet::new(p, &cfg)));
+    }
+    if name.starts_with("convnext_") {
+        let cfg = ConvNeXtConfig::by_name(name)
+            .map_err(|_| UnknownBackbone {
+                name: name.to_string(),
+            })?
+            .with_classes(num_classes);
+        return Ok(Box::new(ConvNeXt::new_uninit(p.clone(), &cfg)));
+    }
+    Ok(match BackboneConfig::by_name(name)? {
+        BackboneConfig::Swin(c) => Box::new(SwinTransformer::new(p, &c.classifier(num_classes))),
+        BackboneConfig::ResNet(c) => Box::new(ResNet::new(p, &c.classifier(num_classes))),
+        BackboneConfig::ConvNeXt(_) => unreachable!("convnext names are handled above"),
+    })
+}
+
+/// Name of the classification head's weight in [`build_classifier`]'s layout: its first
+/// dimension is the class count of a checkpoint.
+pub fn classifier_head_key(name: &str) -> &'static str {
+    if name.starts_with("resnet") || name.starts_with("resnext") {
+        "fc.weight"
+    } else {
+        "head.weight"
+    }
+}
+
 /// Parameters and FLOPs of an ImageNet classifier (1000 classes) at `h` x `w`, counted on the
 /// real network (CPU, batch 1, no grad). `None` for a name outside [`classifier_names`].
 pub fn classifier_flops(name: &str, h: i64, w: i64) -> Option<(i64, FlopTally)> {
+    if name.starts_with("convnext_") {
+        return None;
+    }
     let vs = nn::VarStore::new(Device::Cpu);
-    let root = vs.root();
+    let m = build_classifier(&vs.root(), name, 1000).ok()?;
     let x = Tensor::zeros([1, 3, h, w], (Kind::Float, Device::Cpu));
-    let run: Box<dyn Fn(&Tensor) -> Tensor> = if let Some(cfg) = RoadmapConfig::by_name(name) {
-        let m = RoadmapNet::new(&root, &cfg);
-        Box::new(move |x| m.forward_t(x, false))
-    } else {
-        match BackboneConfig::by_name(name).ok()? {
-            BackboneConfig::Swin(c) => {
-                let m = SwinTransformer::new(&root, &c.classifier(1000));
-                Box::new(move |x| m.forward_cls(x, false))
-            }
-            BackboneConfig::ResNet(c) => {
-                let m = ResNet::new(&root, &c.classifier(1000));
-                Box::new(move |x| m.forward_cls(x, false))
-            }
-            BackboneConfig::ConvNeXt(_) => return None,
-        }
-    };
-    let (_, tally) = flops::count(|| tch::no_grad(|| run(&x)));
+    let (_, tally) = flops::count(|| tch::no_grad(|| m.logits(&x)));
     Some((crate::nn::param_count(&vs), tally))
 }
 

@@ -19,6 +19,7 @@ pub mod detector;
 pub mod fpn;
 pub mod init;
 pub mod mask_head;
+pub mod model;
 pub mod nms;
 pub mod results;
 pub mod roi_align;
@@ -33,6 +34,7 @@ pub mod upernet;
 pub mod upernet_palette;
 
 pub use detector::{Detections, Detector, DetectorConfig, GtInstances, ImgMeta, Losses};
+pub use model::DenseModel;
 pub use two_stage::{DetectorSpec, TwoStageDetector};
 
 /// Errors of this crate.

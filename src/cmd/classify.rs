@@ -1,5 +1,6 @@
-//! `cnx classify --model NAME --weights FILE IMAGE...`: ImageNet classification with a ConvNeXt
-//! checkpoint (official, timm or safetensors), using the official evaluation preprocessing.
+//! `cnx classify --model NAME --weights FILE IMAGE...`: ImageNet classification with a ConvNeXt,
+//! Swin, ResNet/ResNeXt or roadmap checkpoint (official, timm, torchvision or safetensors), using
+//! the official evaluation preprocessing.
 //!
 //! Preprocessing (the official `build_transform` / timm eval transform): resize the shorter side
 //! to `int(size / crop_pct)` with bicubic interpolation, center-crop `size` x `size`, scale to
@@ -11,8 +12,8 @@
 //! one intensity level; top-k predictions are unaffected in practice.
 
 use anyhow::{bail, Context, Result};
-use cnx_backbone::checkpoint::{self, LoadOptions};
-use cnx_backbone::convnext::{ConvNeXt, ConvNeXtConfig};
+use cnx_backbone::checkpoint::{self, LoadOptions, StateDict};
+use cnx_backbone::config::{self as bbcfg, Classifier};
 use image::imageops::FilterType;
 use image::RgbImage;
 use serde::Serialize;
@@ -26,10 +27,12 @@ const IMAGENET1K: &str = include_str!("imagenet1k_classes.txt");
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// convnext_tiny, convnext_small, convnext_base, convnext_large or convnext_xlarge.
+    /// convnext_{tiny,small,base,large,xlarge}, swin_{tiny,small,base,large}, resnet50,
+    /// resnet101, resnext101_32x4d, resnext101_64x4d, or a roadmap_* model (`cnx flops --list`).
     #[arg(long)]
     pub model: String,
-    /// Checkpoint: official or timm .pth, or safetensors. The class count comes from its head.
+    /// Checkpoint: official, timm or torchvision .pth, or safetensors. The class count comes from
+    /// its head.
     #[arg(long)]
     pub weights: PathBuf,
     /// Resize the shorter side to size / crop_pct before the center crop; 1.0 resizes to size.
@@ -108,29 +111,68 @@ pub fn normalize(img: &RgbImage) -> Tensor {
     Tensor::from_slice(&chw).view([3, h as i64, w as i64])
 }
 
-/// Builds the named classifier with the class count of the checkpoint's head and loads it
-/// strictly; errors list missing / unexpected / mis-shaped tensors.
+/// Builds the named classifier (any family: `convnext_*`, `swin_*`, `resnet*`, `resnext*`,
+/// `roadmap_*`) with the class count of the checkpoint's head and loads it strictly; errors
+/// list missing / unexpected / mis-shaped tensors.
 pub fn load_classifier(
     model: &str,
     weights: &std::path::Path,
     device: Device,
-) -> Result<(VarStore, ConvNeXt)> {
-    let cfg = ConvNeXtConfig::by_name(model)?;
+) -> Result<(VarStore, Box<dyn Classifier>)> {
+    let convnext = ["tiny", "small", "base", "large", "xlarge"].map(|v| format!("convnext_{v}"));
+    let mut known: Vec<String> = convnext.to_vec();
+    known.extend(bbcfg::classifier_names());
+    if !known.iter().any(|n| n == model) {
+        bail!(
+            "unknown model '{model}'; classify takes {}",
+            known.join(", ")
+        );
+    }
     let sd = checkpoint::read_state_dict(weights)?;
-    let official = sd.to_official();
-    let head = official.get("head.weight").with_context(|| {
+    let sd = classifier_state_dict(model, &sd);
+    let key = bbcfg::classifier_head_key(model);
+    let head = sd.get(key).with_context(|| {
         format!(
-            "{}: no classifier head ('head.weight' / timm 'head.fc.weight') in the checkpoint",
+            "{}: no classifier head ('{key}') in the checkpoint for {model}",
             weights.display()
         )
     })?;
-    let cfg = cfg.with_classes(head.size()[0]);
     let mut vs = VarStore::new(device);
-    let net = ConvNeXt::new_uninit(vs.root(), &cfg);
-    let report = checkpoint::load_into(&mut vs, &official, &LoadOptions::strict())
+    let net = bbcfg::build_classifier(&vs.root(), model, head.size()[0])?;
+    let report = checkpoint::load_into(&mut vs, &sd, &LoadOptions::strict())
         .with_context(|| format!("loading {} into {model}", weights.display()))?;
     debug_assert!(report.is_clean());
     Ok((vs, net))
+}
+
+/// A classification checkpoint in the names [`bbcfg::build_classifier`] creates: ConvNeXt from
+/// the official / timm layouts, Swin from the official / timm / mmcls ones, ResNets from
+/// torchvision's (`module.` / `backbone.` prefixes and BN's `num_batches_tracked` dropped).
+fn classifier_state_dict(model: &str, sd: &StateDict) -> StateDict {
+    if model.starts_with("convnext_") {
+        return sd.to_official();
+    }
+    let pairs: Vec<(String, Tensor)> = sd
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    let pairs = if model.starts_with("swin_") {
+        cnx_backbone::swin::convert_state_dict(pairs)
+    } else {
+        pairs
+            .into_iter()
+            .map(|(k, t)| {
+                let k = k.strip_prefix("module.").unwrap_or(&k);
+                (k.strip_prefix("backbone.").unwrap_or(k).to_string(), t)
+            })
+            .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
+            .collect()
+    };
+    let mut out = StateDict::default();
+    for (k, t) in pairs {
+        out.insert(k, t);
+    }
+    out
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -146,13 +188,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     let device = crate::device::resolve(&args.device)?;
     let (_vs, net) = load_classifier(&args.model, &args.weights, device)?;
-    let classes = net.config.num_classes;
-    let names: Vec<&str> = if classes == 1000 {
-        IMAGENET1K.lines().collect()
-    } else {
-        Vec::new()
-    };
-    let k = args.topk.clamp(1, classes);
+    let mut names: Vec<&str> = Vec::new();
+    let mut k = args.topk.max(1);
     let mut preds = Vec::new();
     // Batches of 16 images keep memory bounded for long image lists.
     for chunk in args.images.chunks(16) {
@@ -161,9 +198,14 @@ pub fn run(args: Args) -> Result<()> {
             .map(|p| preprocess(p, args.size, args.crop_pct))
             .collect::<Result<Vec<_>>>()?;
         let batch = Tensor::stack(&xs, 0).to_device(device);
-        let probs = tch::no_grad(|| net.forward_logits(&batch, false))
+        let probs = tch::no_grad(|| net.logits(&batch))
             .softmax(-1, Kind::Float)
             .to_device(Device::Cpu);
+        let classes = probs.size()[1];
+        if classes == 1000 {
+            names = IMAGENET1K.lines().collect();
+        }
+        k = k.min(classes);
         let (p, idx) = probs.topk(k, -1, true, true);
         for (i, path) in chunk.iter().enumerate() {
             let top = (0..k)

@@ -19,7 +19,7 @@ use cnx_backbone::{flops, nn as cnn};
 use cnx_eval::coco::IouType;
 use cnx_heads::cascade::CascadeConfig;
 use cnx_heads::segmentor::{Segmentor, SegmentorConfig};
-use cnx_heads::{DetectorConfig, TwoStageDetector};
+use cnx_heads::{DenseModel, DetectorConfig, TwoStageDetector};
 use plotters::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -262,48 +262,41 @@ pub fn row_spec(name: &str) -> Result<RowSpec> {
 
 /// A built model ready to count and time: the heads crate's own model for the preset (Swin and
 /// ResNet backbones are built by the presets' backbone configs, not swapped in).
-pub enum Built {
-    Det { det: TwoStageDetector, vs: VarStore },
-    Seg { seg: Box<Segmentor>, vs: VarStore },
+pub struct Built {
+    pub model: Box<dyn DenseModel>,
+    pub vs: VarStore,
 }
 
 /// Build the row's whole model on `device` (random weights unless loaded afterwards).
 pub fn build(spec: &RowSpec, device: Device) -> Result<Built> {
     let vs = VarStore::new(device);
-    Ok(match spec.arch {
-        "mask_rcnn" => {
-            let det = TwoStageDetector::new(&vs.root(), &DetectorConfig::preset(&spec.name)?);
-            Built::Det { det, vs }
-        }
-        "cascade_mask_rcnn" => {
-            let det = TwoStageDetector::new(&vs.root(), &CascadeConfig::preset(&spec.name)?);
-            Built::Det { det, vs }
-        }
-        "upernet" => {
-            let seg = Segmentor::new_uninit(&vs.root(), &SegmentorConfig::preset(&spec.name)?)?;
-            Built::Seg {
-                seg: Box::new(seg),
-                vs,
-            }
-        }
+    let model: Box<dyn DenseModel> = match spec.arch {
+        "mask_rcnn" => Box::new(TwoStageDetector::new(
+            &vs.root(),
+            &DetectorConfig::preset(&spec.name)?,
+        )),
+        "cascade_mask_rcnn" => Box::new(TwoStageDetector::new(
+            &vs.root(),
+            &CascadeConfig::preset(&spec.name)?,
+        )),
+        "upernet" => Box::new(Segmentor::new_uninit(
+            &vs.root(),
+            &SegmentorConfig::preset(&spec.name)?,
+        )?),
         a => bail!("unknown architecture {a}"),
-    })
+    };
+    Ok(Built { model, vs })
 }
 
 impl Built {
     pub fn params(&self) -> i64 {
-        match self {
-            Built::Det { vs, .. } | Built::Seg { vs, .. } => cnn::param_count(vs),
-        }
+        cnn::param_count(&self.vs)
     }
 
     /// What the tables' `get_flops` runs: mmdet's `forward_dummy` (1000 boxes through the box
     /// head(s), 100 through the mask head(s)) / mmseg's backbone + decode head.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        tch::no_grad(|| match self {
-            Built::Det { det, .. } => det.forward_dummy(x),
-            Built::Seg { seg, .. } => seg.encode_decode(x),
-        })
+        tch::no_grad(|| self.model.forward_dummy(x))
     }
 }
 
