@@ -80,6 +80,9 @@ pub fn run(args: Args) -> Result<()> {
     ];
     sets.extend(args.sets.iter().cloned());
     let cfg = resolve_config(Some(preset), None, &sets)?;
+    if !args.resume {
+        clear_previous_run(&out)?;
+    }
     let opts = RunOptions {
         resume: args.resume.then(|| "auto".to_string()),
         stop_at: None,
@@ -154,6 +157,34 @@ pub fn run(args: Args) -> Result<()> {
         obj.insert("out_dir".into(), out.display().to_string().into());
         obj.insert("seconds".into(), seconds.into());
         println!("{}", serde_json::Value::Object(obj));
+    }
+    Ok(())
+}
+
+/// A demo starts over unless `--resume`: the previous demo run's own outputs in `out` (its
+/// checkpoints, log, curves, evaluations, drawings) are removed; the dataset and anything else
+/// stay. (`cnx train` itself refuses to start over a run.)
+fn clear_previous_run(out: &std::path::Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let ours = matches!(
+            n.as_str(),
+            "latest.json" | "log.jsonl" | "curves.png" | "config.toml" | "eval" | "predictions"
+        ) || n.starts_with("iter_")
+            || n.starts_with("best_");
+        if !ours {
+            continue;
+        }
+        let p = e.path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        }
+        .with_context(|| format!("removing the previous demo run's {}", p.display()))?;
     }
     Ok(())
 }

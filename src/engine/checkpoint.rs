@@ -108,6 +108,81 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     fail_point("json", path)
 }
 
+/// Write weights to `path` atomically (temporary file, fsync, rename): for files outside the
+/// checkpoint unit, such as the best checkpoint.
+pub fn write_tensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let tmp = tmp_path(path);
+    if let Err(e) = write_tensors(&tmp, tensors) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    commit(&tmp, path)
+}
+
+/// The evaluation result the best checkpoint (`best_<metric>.safetensors`) was taken at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestRecord {
+    pub metric: String,
+    pub value: f64,
+    pub iter: u64,
+}
+
+/// Keep `best_<metric>.safetensors` (+ `.json` with the value and iteration) when `metrics`
+/// improves on the recorded best. Returns the new record when it did. These files are not part
+/// of the `iter_*` rotation, so [`prune`] never removes them.
+pub fn update_best(
+    dir: &Path,
+    metric: &str,
+    metrics: &std::collections::BTreeMap<String, f64>,
+    iter: u64,
+    weights: impl FnOnce() -> Vec<(String, Tensor)>,
+) -> Result<Option<BestRecord>> {
+    let Some(&value) = metrics.get(metric) else {
+        return Ok(None);
+    };
+    if !value.is_finite() {
+        return Ok(None);
+    }
+    let json = dir.join(format!("best_{metric}.json"));
+    let previous: Option<BestRecord> = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok());
+    if previous.as_ref().is_some_and(|b| b.value >= value) {
+        return Ok(None);
+    }
+    write_tensors_atomic(&dir.join(format!("best_{metric}.safetensors")), &weights())?;
+    let rec = BestRecord {
+        metric: metric.to_string(),
+        value,
+        iter,
+    };
+    atomic_write(&json, serde_json::to_string_pretty(&rec)?.as_bytes())?;
+    Ok(Some(rec))
+}
+
+/// Refuse to start a new run in `dir` when it already holds one (a checkpoint or a training
+/// log): a fresh run would empty the log and overwrite the checkpoints. The message names the
+/// two ways on.
+pub fn refuse_existing_run(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let holds_run = entries.filter_map(|e| e.ok()).any(|e| {
+        let n = e.file_name().to_string_lossy().into_owned();
+        n == "latest.json"
+            || (n.starts_with("iter_") && n.ends_with(".safetensors"))
+            || (n == "log.jsonl" && e.metadata().map(|m| m.len() > 0).unwrap_or(false))
+    });
+    if holds_run {
+        anyhow::bail!(
+            "{} already holds a training run (checkpoints or log.jsonl); continue it with \
+             --resume (auto), or start a new run with --work-dir DIR",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn load_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))
 }

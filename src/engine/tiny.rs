@@ -24,7 +24,12 @@ pub struct Tiny {
     /// With `nan_at`: the loss stays NaN up to this call (inclusive).
     pub nan_until: Option<u64>,
     calls: u64,
+    /// Evaluations so far (each reports the next of [`EVAL_SCORES`]).
+    evals: usize,
 }
+
+/// The box AP the tiny task's successive evaluations report (best at the second).
+const EVAL_SCORES: [f64; 4] = [0.10, 0.30, 0.20, 0.25];
 
 impl Tiny {
     pub fn new(seed: u64) -> Self {
@@ -61,6 +66,7 @@ impl Tiny {
             nan_at: None,
             nan_until: None,
             calls: 0,
+            evals: 0,
         }
     }
 }
@@ -106,7 +112,9 @@ impl TrainTask for Tiny {
         Ok(vec![("loss_a".into(), l1), ("loss_b".into(), l2)])
     }
     fn evaluate(&mut self, _out_dir: &Path) -> Result<BTreeMap<String, f64>> {
-        Ok([("score".to_string(), 1.0)].into_iter().collect())
+        let v = EVAL_SCORES[self.evals.min(EVAL_SCORES.len() - 1)];
+        self.evals += 1;
+        Ok([("bbox_mAP".to_string(), v)].into_iter().collect())
     }
 }
 
@@ -170,6 +178,58 @@ fn in_child(name: &str) {
 }
 
 const CHILD: &str = "CNX_ENGINE_TEST_CHILD";
+
+/// A second run in the same work dir is refused (it would empty the log and overwrite the
+/// checkpoints) unless it resumes; the best checkpoint by box AP is kept and never pruned.
+#[test]
+fn existing_run_is_refused_and_the_best_checkpoint_is_kept() {
+    in_child("engine::tiny::existing_run_and_best_child");
+}
+
+#[test]
+#[ignore = "run in a child process by existing_run_is_refused_and_the_best_checkpoint_is_kept"]
+fn existing_run_and_best_child() {
+    if std::env::var_os(CHILD).is_none() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = tmp("best");
+    let mut c = tiny_config(&d);
+    c.runtime.eval_interval = 3;
+    c.runtime.keep_checkpoints = 1;
+    let opts = RunOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let mut t = Tiny::new(5);
+    trainer::train(&c, &mut t, Device::Cpu, &opts).unwrap();
+    // Evaluations at 3, 6, 9 and 12 report 0.10, 0.30, 0.20, 0.25: the best is iteration 6's.
+    let best: super::checkpoint::BestRecord =
+        serde_json::from_str(&std::fs::read_to_string(d.join("best_bbox_mAP.json")).unwrap())
+            .unwrap();
+    assert_eq!((best.iter, best.value), (6, 0.30));
+    assert!(d.join("best_bbox_mAP.safetensors").exists());
+    assert!(
+        !d.join(super::checkpoint::weights_file_name(6)).exists(),
+        "pruned"
+    );
+    let log_before = std::fs::read_to_string(d.join("log.jsonl")).unwrap();
+
+    let mut again = Tiny::new(5);
+    let e = trainer::train(&c, &mut again, Device::Cpu, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("already holds a training run") && e.contains("--resume"),
+        "{e}"
+    );
+    assert!(e.contains("--work-dir"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(d.join("log.jsonl")).unwrap(),
+        log_before
+    );
+    assert!(d.join(super::checkpoint::weights_file_name(12)).exists());
+}
 
 #[test]
 fn resume_is_exact() {

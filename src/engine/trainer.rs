@@ -8,7 +8,7 @@
 
 use super::amp::{self, LossScaler, StepOutcome, MAX_NONFINITE_LOSS_STREAK};
 use super::checkpoint::{self, ResumeState};
-use super::config::{Amp, Config};
+use super::config::{Amp, Config, Task};
 use super::log::{plot_curves, RunLog};
 use super::optim::{build_groups, group_table, AdamW};
 use super::schedule::Schedule;
@@ -98,6 +98,9 @@ pub fn train(
 ) -> Result<Summary> {
     let t0 = Instant::now();
     let work_dir = cfg.work_dir();
+    if opts.resume.is_none() {
+        checkpoint::refuse_existing_run(&work_dir)?;
+    }
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("creating work dir {}", work_dir.display()))?;
     std::fs::write(work_dir.join("config.toml"), cfg.to_toml()?)?;
@@ -452,6 +455,7 @@ pub fn train(
         let ev = cfg.runtime.eval_interval;
         if !opts.no_eval && ev > 0 && iter.is_multiple_of(ev) && iter < stop_at {
             metrics = run_eval(task, &work_dir, iter, &mut log, &pb, opts.quiet)?;
+            keep_best(cfg, task, &work_dir, &metrics, iter, &pb, opts.quiet)?;
             plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
             t_log = Instant::now();
         }
@@ -467,6 +471,7 @@ pub fn train(
         ));
     } else if !opts.no_eval {
         metrics = run_eval(task, &work_dir, iter, &mut log, &pb, opts.quiet)?;
+        keep_best(cfg, task, &work_dir, &metrics, iter, &pb, opts.quiet)?;
     }
     plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
     Ok(Summary {
@@ -477,6 +482,39 @@ pub fn train(
         seconds: t0.elapsed().as_secs_f64(),
         interrupted,
     })
+}
+
+/// The metric a task's best checkpoint is chosen by: COCO box AP for detection, mIoU for
+/// segmentation (what the paper's tables report first).
+pub fn best_metric(cfg: &Config) -> &'static str {
+    match cfg.task {
+        Task::Det => "bbox_mAP",
+        Task::Seg => "mIoU",
+    }
+}
+
+/// After an evaluation: keep `best_<metric>.safetensors` when the metric improved.
+fn keep_best(
+    cfg: &Config,
+    task: &dyn TrainTask,
+    work_dir: &Path,
+    metrics: &BTreeMap<String, f64>,
+    iter: u64,
+    pb: &ProgressBar,
+    quiet: bool,
+) -> Result<()> {
+    let metric = best_metric(cfg);
+    if let Some(b) =
+        checkpoint::update_best(work_dir, metric, metrics, iter, || named_weights(task))?
+    {
+        if !quiet {
+            pb.println(format!(
+                "best {metric} {:.4} at iteration {iter}: best_{metric}.safetensors",
+                b.value
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn run_eval(
