@@ -6,6 +6,7 @@
 mod cmd;
 mod device;
 mod engine;
+mod model_source;
 
 use clap::{Parser, Subcommand};
 

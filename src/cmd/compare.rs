@@ -467,11 +467,14 @@ fn evaluate_row(args: &Args, spec: &RowSpec, f: &Path, device: Device) -> Result
             let (Some(ann), Some(images)) = (&args.coco, &args.images) else {
                 return Ok(None);
             };
-            let (_vs, det) = crate::cmd::predict::load_detector(&spec.name, f, false, device)?;
+            let src =
+                crate::model_source::ModelSource::resolve(Some(&spec.name), None, None, Some(f))?;
+            let (_vs, det) = src.load_detector(false, device)?;
             let out = args.out.join(format!("{}.bbox.json", spec.name));
             std::fs::create_dir_all(&args.out)?;
             let s = crate::cmd::test::coco_test(
                 &det,
+                &src.test_pipeline(),
                 ann,
                 images,
                 None,

@@ -6,26 +6,34 @@
 
 use crate::engine::amp;
 use crate::engine::config::Amp;
+use crate::model_source::ModelSource;
 use anyhow::{bail, Context, Result};
 use cnx_datasets::draw;
 use cnx_datasets::image_io;
 use cnx_datasets::pipeline::{normalize_into, pad_up, TestPipeline};
-use cnx_heads::cascade::CascadeConfig;
 use cnx_heads::coco_classes::{COCO_CAT_IDS, COCO_CLASSES};
 use cnx_heads::results::{to_coco, CocoResult};
-use cnx_heads::{Detector, DetectorConfig, ImgMeta, TwoStageDetector};
-use std::path::{Path, PathBuf};
+use cnx_heads::{Detector, DetectorConfig, ImgMeta};
+use std::path::PathBuf;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Model preset: a Mask R-CNN or Cascade Mask R-CNN detector, or an `upernet_*` segmentor (see `cnx presets`).
+    /// A paper preset (Mask R-CNN, Cascade Mask R-CNN or `upernet_*`, see `cnx presets`), for
+    /// mmdet / mmseg checkpoints; cnx checkpoints record their model and need none.
     #[arg(long)]
-    pub preset: String,
-    /// Checkpoint (mmdet/mmseg .pth, or safetensors from `cnx convert`).
-    #[arg(long, required_unless_present = "bench")]
+    pub preset: Option<String>,
+    /// Weights: a cnx checkpoint, or with --preset an mmdet/mmseg .pth or `cnx convert`
+    /// safetensors. Default with --work-dir: its latest checkpoint.
+    #[arg(long)]
     pub weights: Option<PathBuf>,
+    /// The training config the model was built from (instead of the one in the weights).
+    #[arg(long, conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+    /// A training run's work dir: its config.toml and latest checkpoint.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
     /// Detections below this score are not drawn (all above 0.05 go to predictions.json).
     #[arg(long, default_value_t = 0.3)]
     pub score_thr: f64,
@@ -69,7 +77,10 @@ fn precision(args: &Args) -> Amp {
 }
 
 fn bench(args: &Args, device: Device, iters: usize) -> Result<()> {
-    let mut cfg = DetectorConfig::preset(&args.preset)?;
+    let Some(preset) = &args.preset else {
+        bail!("--bench needs --preset")
+    };
+    let mut cfg = DetectorConfig::preset(preset)?;
     cfg.roi.test.score_thr = 0.0;
     let mut vs = VarStore::new(device);
     let det = Detector::new(&vs.root(), &cfg);
@@ -111,28 +122,6 @@ fn bench(args: &Args, device: Device, iters: usize) -> Result<()> {
     Ok(())
 }
 
-/// Build the detector of `preset` (Mask R-CNN or Cascade Mask R-CNN) on `device` and load
-/// `weights`.
-pub fn load_detector(
-    preset: &str,
-    weights: &Path,
-    drop_class_layers: bool,
-    device: Device,
-) -> Result<(VarStore, TwoStageDetector)> {
-    let mut vs = VarStore::new(device);
-    let det = if preset.starts_with("cascade_") {
-        TwoStageDetector::new(&vs.root(), &CascadeConfig::preset(preset)?)
-    } else {
-        TwoStageDetector::new(&vs.root(), &DetectorConfig::preset(preset)?)
-    };
-    let backbone = det.config.backbone.dense()?;
-    let report =
-        cnx_heads::weights::load_checkpoint_for(&mut vs, weights, drop_class_layers, &backbone)
-            .with_context(|| format!("loading {}", weights.display()))?;
-    eprintln!("{}: {}", weights.display(), report.summary());
-    Ok((vs, det))
-}
-
 /// One image through the test pipeline → (batch tensor, meta). Images smaller than 32 px are
 /// padded up (the network needs 32), never refused.
 pub fn prepare(img: &image_io::Image8, pipe: &TestPipeline, device: Device) -> (Tensor, ImgMeta) {
@@ -158,19 +147,28 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(iters) = args.bench {
         return bench(&args, device, iters.max(1));
     }
-    let weights = args.weights.clone().expect("clap requires --weights");
-    if args.preset.starts_with("upernet_") {
+    let src = ModelSource::resolve(
+        args.preset.as_deref(),
+        args.config.as_deref(),
+        args.work_dir.as_deref(),
+        args.weights.as_deref(),
+    )?;
+    if args.images.is_empty() {
+        bail!("no images given");
+    }
+    if src.is_segmentor() {
         let mode = match args.mode.as_deref() {
             None => None,
             Some(m) => Some(m.parse().map_err(|e| anyhow::anyhow!("--mode: {e}"))?),
         };
         let o = crate::cmd::seg::PredictOpts {
-            cfg: cnx_heads::segmentor::SegmentorConfig::preset(&args.preset)?,
-            weights: weights.clone(),
+            cfg: src.segmentor_config()?,
+            weights: src.weights.clone(),
             mode,
             aug_test: args.aug_test,
             out_dir: args.out_dir.clone(),
             images: args.images.clone(),
+            classes: src.classes.clone(),
             device,
         };
         // Autocast is thread state: the segmentor's forward passes run in this thread.
@@ -178,11 +176,21 @@ pub fn run(args: Args) -> Result<()> {
             crate::cmd::seg::predict_with(&o)
         });
     }
-    let (_vs, det) = load_detector(&args.preset, &weights, args.drop_class_layers, device)?;
+    let (_vs, det) = src.load_detector(args.drop_class_layers, device)?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
-    let pipe = TestPipeline::default();
-    let names: Vec<String> = COCO_CLASSES.iter().map(|s| s.to_string()).collect();
+    let pipe = src.test_pipeline();
+    // Class names and category ids the checkpoint recorded; COCO's for the paper's presets.
+    let names: Vec<String> = if src.classes.is_empty() {
+        COCO_CLASSES.iter().map(|s| s.to_string()).collect()
+    } else {
+        src.classes.clone()
+    };
+    let cat_ids: Vec<i64> = if src.category_ids.is_empty() {
+        COCO_CAT_IDS.to_vec()
+    } else {
+        src.category_ids.clone()
+    };
     let mut all: Vec<CocoResult> = Vec::new();
     let mut failed = 0usize;
     for (i, path) in args.images.iter().enumerate() {
@@ -205,7 +213,7 @@ pub fn run(args: Args) -> Result<()> {
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default();
         let res = to_coco(d, i as i64, Some(&file_name), &|l| {
-            COCO_CAT_IDS.get(l as usize).copied().unwrap_or(l)
+            cat_ids.get(l as usize).copied().unwrap_or(l)
         });
         // drawing: above --score-thr only
         let mut canvas = draw::to_rgb_image(&img);

@@ -28,6 +28,8 @@ pub struct PredictOpts {
     pub aug_test: bool,
     pub out_dir: PathBuf,
     pub images: Vec<PathBuf>,
+    /// Class names recorded with the model (empty: ADE20K's).
+    pub classes: Vec<String>,
     pub device: Device,
 }
 
@@ -184,7 +186,11 @@ pub fn predict_with(o: &PredictOpts) -> Result<()> {
         .with_context(|| format!("creating {}", o.out_dir.display()))?;
     let (mode, desc) = mode_of(&seg, o.mode, o.aug_test);
     eprintln!("{}: {desc}", o.cfg.name);
-    let names: Vec<String> = ADE20K_CLASSES.iter().map(|s| s.to_string()).collect();
+    let names: Vec<String> = if o.classes.is_empty() {
+        ADE20K_CLASSES.iter().map(|s| s.to_string()).collect()
+    } else {
+        o.classes.clone()
+    };
     let mut failed = 0;
     for path in &o.images {
         let img = match image_io::read_rgb(path) {
@@ -493,6 +499,7 @@ mod tests {
             aug_test: true,
             out_dir: dir.clone(),
             images: vec![PathBuf::from(format!("{FIX}/ADE_val_00000003.png"))],
+            classes: vec![],
             device: Device::Cpu,
         };
         predict_with(&o).unwrap();

@@ -1,8 +1,12 @@
-//! `cnx test --preset P --weights W --coco ANN.json --images DIR [--out RES.json] [--eval bbox segm]`:
+//! `cnx test --weights W --coco ANN.json --images DIR [--out RES.json] [--eval bbox segm]`:
 //! run a detector over a COCO-format dataset (test pipeline 1333x800, progress bar), write the
-//! COCO results file and evaluate it with cnx-eval (pycocotools' numbers). Images that cannot
-//! be read are named, counted and skipped. `upernet_*` presets run ADE20K through `cmd::seg`.
+//! COCO results file and evaluate it with cnx-eval (pycocotools' numbers). The model comes from
+//! the checkpoint itself (cnx checkpoints record their config and classes), `--config`,
+//! `--work-dir`, or `--preset` for published mmdet / mmseg files ([`crate::model_source`]).
+//! Images that cannot be read are named, counted and skipped. Segmentors run ADE-layout data
+//! through `cmd::seg`.
 
+use crate::model_source::ModelSource;
 use anyhow::{bail, Context, Result};
 use cnx_datasets::loader::collate_det;
 use cnx_datasets::pipeline::TestPipeline;
@@ -16,10 +20,19 @@ use tch::Device;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
+    /// A paper preset (`cnx presets`), for mmdet / mmseg checkpoints; cnx checkpoints need none.
     #[arg(long)]
-    pub preset: String,
+    pub preset: Option<String>,
+    /// Weights: a cnx checkpoint (`iter_N.safetensors`, `best_*.safetensors`), or with --preset
+    /// an mmdet / mmseg .pth or `cnx convert` safetensors. Default with --work-dir: its latest.
     #[arg(long)]
-    pub weights: PathBuf,
+    pub weights: Option<PathBuf>,
+    /// The training config the model was built from (instead of the one in the weights).
+    #[arg(long, conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+    /// A training run's work dir: its config.toml and latest checkpoint.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
     /// COCO annotation file (detectors).
     #[arg(long)]
     pub coco: Option<PathBuf>,
@@ -57,17 +70,23 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let device = crate::device::resolve(&args.device)?;
-    if args.preset.starts_with("upernet_") {
+    let src = ModelSource::resolve(
+        args.preset.as_deref(),
+        args.config.as_deref(),
+        args.work_dir.as_deref(),
+        args.weights.as_deref(),
+    )?;
+    if src.is_segmentor() {
         let mode = match args.mode.as_deref() {
             None => None,
             Some(m) => Some(m.parse().map_err(|e| anyhow::anyhow!("--mode: {e}"))?),
         };
         let Some(ade_root) = args.ade_root.clone() else {
-            bail!("--ade-root is required for {}", args.preset)
+            bail!("--ade-root is required for {}", src.name())
         };
         let o = crate::cmd::seg::TestOpts {
-            cfg: cnx_heads::segmentor::SegmentorConfig::preset(&args.preset)?,
-            weights: args.weights.clone(),
+            cfg: src.segmentor_config()?,
+            weights: src.weights.clone(),
             ade_root,
             mode,
             aug_test: args.aug_test,
@@ -80,7 +99,7 @@ pub fn run(args: Args) -> Result<()> {
     let (Some(ann), Some(img_dir)) = (args.coco.clone(), args.images.clone()) else {
         bail!(
             "--coco ANN.json and --images DIR are required for {}",
-            args.preset
+            src.name()
         )
     };
     let mut types = Vec::new();
@@ -91,17 +110,15 @@ pub fn run(args: Args) -> Result<()> {
             o => bail!("unknown --eval '{o}' (bbox, segm)"),
         });
     }
-    let (_vs, det) = crate::cmd::predict::load_detector(
-        &args.preset,
-        &args.weights,
-        args.drop_class_layers,
-        device,
-    )?;
+    let (_vs, det) = src.load_detector(args.drop_class_layers, device)?;
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("results.json"));
-    for (t, summary) in coco_test(&det, &ann, &img_dir, args.limit, &out, &types, device)? {
+    let pipe = src.test_pipeline();
+    for (t, summary) in coco_test(
+        &det, &pipe, &ann, &img_dir, args.limit, &out, &types, device,
+    )? {
         println!("Evaluate annotation type *{}*", t.name());
         println!("{}", summary.format_pycocotools());
     }
@@ -110,8 +127,10 @@ pub fn run(args: Args) -> Result<()> {
 
 /// Run `det` over the COCO dataset `ann` / `img_dir` (the first `limit` images), write the
 /// results file `out` and evaluate it against all of `ann`'s ground truth, one summary per type.
+#[allow(clippy::too_many_arguments)]
 pub fn coco_test(
     det: &TwoStageDetector,
+    pipe: &TestPipeline,
     ann: &Path,
     img_dir: &Path,
     limit: Option<usize>,
@@ -130,7 +149,6 @@ pub fn coco_test(
             det.num_classes()
         );
     }
-    let pipe = TestPipeline::default();
     let n = limit.unwrap_or(ds.images.len()).min(ds.images.len());
     let pb = ProgressBar::new(n as u64);
     pb.set_style(

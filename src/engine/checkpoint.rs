@@ -8,6 +8,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -108,11 +109,107 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     fail_point("json", path)
 }
 
-/// Write weights to `path` atomically (temporary file, fsync, rename): for files outside the
-/// checkpoint unit, such as the best checkpoint.
-pub fn write_tensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+/// What a weights file says about the model it holds, in its safetensors header: the whole
+/// training configuration (TOML) and the class names (and, for COCO-format data, the category
+/// ids of the labels), so `cnx test` / `cnx predict --weights FILE` rebuild the model and name
+/// its classes without a preset.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelCard {
+    /// `Config::to_toml()` of the run.
+    pub config: Option<String>,
+    /// Class names in label order.
+    pub classes: Vec<String>,
+    /// Dataset category id of each label (COCO-format detection data).
+    pub category_ids: Vec<i64>,
+}
+
+const CARD_CONFIG: &str = "cnx.config";
+const CARD_CLASSES: &str = "cnx.classes";
+const CARD_CATEGORY_IDS: &str = "cnx.category_ids";
+
+impl ModelCard {
+    fn metadata(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        if let Some(c) = &self.config {
+            m.insert(CARD_CONFIG.to_string(), c.clone());
+        }
+        if !self.classes.is_empty() {
+            m.insert(
+                CARD_CLASSES.into(),
+                serde_json::to_string(&self.classes).unwrap(),
+            );
+        }
+        if !self.category_ids.is_empty() {
+            m.insert(
+                CARD_CATEGORY_IDS.into(),
+                serde_json::to_string(&self.category_ids).unwrap(),
+            );
+        }
+        m
+    }
+
+    /// The card of a weights file; `None` when the file has none (e.g. an mmdet/mmseg
+    /// checkpoint, or a `.pth`). Errors name the file.
+    pub fn read(path: &Path) -> Result<Option<Self>> {
+        let is_st = std::fs::File::open(path)
+            .and_then(|mut f| {
+                let mut b = [0u8; 9];
+                std::io::Read::read_exact(&mut f, &mut b)?;
+                Ok(b[8] == b'{')
+            })
+            .unwrap_or(false);
+        if !is_st {
+            return Ok(None);
+        }
+        let m = cnx_backbone::checkpoint::read_safetensors_metadata(path)?;
+        let Some(config) = m.get(CARD_CONFIG) else {
+            return Ok(None);
+        };
+        let json = |k: &str| -> Result<Option<serde_json::Value>> {
+            m.get(k)
+                .map(|v| serde_json::from_str(v))
+                .transpose()
+                .with_context(|| format!("{}: metadata {k}", path.display()))
+        };
+        let classes = match json(CARD_CLASSES)? {
+            Some(v) => serde_json::from_value(v)?,
+            None => vec![],
+        };
+        let category_ids = match json(CARD_CATEGORY_IDS)? {
+            Some(v) => serde_json::from_value(v)?,
+            None => vec![],
+        };
+        Ok(Some(Self {
+            config: Some(config.clone()),
+            classes,
+            category_ids,
+        }))
+    }
+}
+
+/// Weights with the model card in the safetensors header (not atomically), fsynced.
+fn write_weights(path: &Path, tensors: &[(String, Tensor)], card: &ModelCard) -> Result<()> {
+    let mut sd = cnx_backbone::checkpoint::StateDict::new();
+    for (n, t) in tensors {
+        sd.insert(n.clone(), t.detach());
+    }
+    sd.write_safetensors_with(path, &card.metadata())
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", path.display()))?;
+    fail_point("tensors", path)
+}
+
+/// Write weights (with their model card) to `path` atomically (temporary file, fsync, rename):
+/// for files outside the checkpoint unit, such as the best checkpoint.
+pub fn write_weights_atomic(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    card: &ModelCard,
+) -> Result<()> {
     let tmp = tmp_path(path);
-    if let Err(e) = write_tensors(&tmp, tensors) {
+    if let Err(e) = write_weights(&tmp, tensors, card) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
@@ -133,9 +230,10 @@ pub struct BestRecord {
 pub fn update_best(
     dir: &Path,
     metric: &str,
-    metrics: &std::collections::BTreeMap<String, f64>,
+    metrics: &BTreeMap<String, f64>,
     iter: u64,
     weights: impl FnOnce() -> Vec<(String, Tensor)>,
+    card: &ModelCard,
 ) -> Result<Option<BestRecord>> {
     let Some(&value) = metrics.get(metric) else {
         return Ok(None);
@@ -150,7 +248,11 @@ pub fn update_best(
     if previous.as_ref().is_some_and(|b| b.value >= value) {
         return Ok(None);
     }
-    write_tensors_atomic(&dir.join(format!("best_{metric}.safetensors")), &weights())?;
+    write_weights_atomic(
+        &dir.join(format!("best_{metric}.safetensors")),
+        &weights(),
+        card,
+    )?;
     let rec = BestRecord {
         metric: metric.to_string(),
         value,
@@ -307,6 +409,7 @@ fn remove_stale_tmps(dir: &Path) {
 pub fn save(
     dir: &Path,
     weights: &[(String, Tensor)],
+    card: &ModelCard,
     optimizer: &[(String, Tensor)],
     state: &ResumeState,
 ) -> std::result::Result<PathBuf, CheckpointWriteError> {
@@ -352,7 +455,7 @@ pub fn save(
     };
     let json = serde_json::to_vec_pretty(state).expect("ResumeState serializes");
     // 1. Everything to temporary files (the step that meets a full disk).
-    let staged = write_tensors(&tmps[0], weights)
+    let staged = write_weights(&tmps[0], weights, card)
         .and_then(|_| write_tensors(&tmps[1], optimizer))
         .and_then(|_| write_synced(&tmps[2], &json));
     if let Err(e) = staged {
@@ -561,7 +664,7 @@ mod tests {
             "a.weight".to_string(),
             Tensor::zeros([100_000], tch::kind::FLOAT_CPU),
         )];
-        save(&dir, &big, &big, &state(20)).unwrap();
+        save(&dir, &big, &ModelCard::default(), &big, &state(20)).unwrap();
         assert_eq!(resolve("auto", &dir).unwrap().unwrap().0.iter, 20);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -572,13 +675,20 @@ mod tests {
         let Some(dir) = std::env::var_os(FSIZE_CHILD).map(PathBuf::from) else {
             return;
         };
-        save(&dir, &tensors(10), &tensors(10), &state(10)).unwrap();
+        save(
+            &dir,
+            &tensors(10),
+            &ModelCard::default(),
+            &tensors(10),
+            &state(10),
+        )
+        .unwrap();
         // 400 kB of optimizer state against a 64 kB limit: the staging write fails.
         let big = vec![(
             "a.weight".to_string(),
             Tensor::zeros([100_000], tch::kind::FLOAT_CPU),
         )];
-        let e = save(&dir, &tensors(20), &big, &state(20)).unwrap_err();
+        let e = save(&dir, &tensors(20), &ModelCard::default(), &big, &state(20)).unwrap_err();
         assert_eq!(e.previous, Some(10));
         assert!(e.left_behind.is_empty());
         let msg = format!("{:?}", anyhow::Error::new(e));
@@ -590,14 +700,28 @@ mod tests {
     fn failed_write_removes_its_files_and_keeps_latest() {
         let dir = std::env::temp_dir().join(format!("cnx-ckpt-fail-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        save(&dir, &tensors(10), &tensors(10), &state(10)).unwrap();
+        save(
+            &dir,
+            &tensors(10),
+            &ModelCard::default(),
+            &tensors(10),
+            &state(10),
+        )
+        .unwrap();
         assert_at_previous(&dir, &[]);
 
         // Real OS errors, no hook (chmod would not stop root): a directory where the optimizer's
         // temporary file goes (the write fails after the weights were staged) ...
         let blocker = tmp_path(&dir.join(optimizer_file_name(20)));
         std::fs::create_dir(&blocker).unwrap();
-        let e = save(&dir, &tensors(20), &tensors(20), &state(20)).unwrap_err();
+        let e = save(
+            &dir,
+            &tensors(20),
+            &ModelCard::default(),
+            &tensors(20),
+            &state(20),
+        )
+        .unwrap_err();
         assert_eq!((e.iter, e.previous), (20, Some(10)));
         assert_eq!(
             e.left_behind,
@@ -611,7 +735,14 @@ mod tests {
         // into place when the third rename fails).
         let blocker = dir.join(state_file_name(20));
         std::fs::create_dir(&blocker).unwrap();
-        let e = save(&dir, &tensors(20), &tensors(20), &state(20)).unwrap_err();
+        let e = save(
+            &dir,
+            &tensors(20),
+            &ModelCard::default(),
+            &tensors(20),
+            &state(20),
+        )
+        .unwrap_err();
         assert!(e.left_behind.is_empty());
         assert!(format!("{:#}", anyhow::Error::new(e)).contains("renaming"));
         assert_at_previous(&dir, &[state_file_name(20)]);
@@ -628,7 +759,14 @@ mod tests {
             ("json", "latest.json.tmp"),
         ] {
             inject(step, pat);
-            let e = save(&dir, &tensors(20), &tensors(20), &state(20)).unwrap_err();
+            let e = save(
+                &dir,
+                &tensors(20),
+                &ModelCard::default(),
+                &tensors(20),
+                &state(20),
+            )
+            .unwrap_err();
             let msg = format!("{:?}", anyhow::Error::new(e));
             assert!(
                 msg.contains("latest.json still names iteration 10")
@@ -643,7 +781,14 @@ mod tests {
         // file (no state JSON) goes at the next prune; the next write succeeds.
         std::fs::write(dir.join("iter_0000015.optim.safetensors.tmp999999"), b"x").unwrap();
         std::fs::write(dir.join(weights_file_name(15)), b"x").unwrap();
-        save(&dir, &tensors(20), &tensors(20), &state(20)).unwrap();
+        save(
+            &dir,
+            &tensors(20),
+            &ModelCard::default(),
+            &tensors(20),
+            &state(20),
+        )
+        .unwrap();
         prune(&dir, 0, 20).unwrap();
         let (st, _) = resolve("auto", &dir).unwrap().unwrap();
         assert_eq!(st.iter, 20);
@@ -661,7 +806,14 @@ mod tests {
         );
         // Saving the same iteration again and failing keeps the complete files it replaces.
         inject("json", "latest.json.tmp");
-        save(&dir, &tensors(20), &tensors(20), &state(20)).unwrap_err();
+        save(
+            &dir,
+            &tensors(20),
+            &ModelCard::default(),
+            &tensors(20),
+            &state(20),
+        )
+        .unwrap_err();
         FAIL_AT.with(|f| *f.borrow_mut() = None);
         assert_eq!(listing(&dir).len(), 7);
         assert_eq!(resolve("auto", &dir).unwrap().unwrap().0.iter, 20);
@@ -674,7 +826,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         for it in [10u64, 20, 30] {
             let w = tensors(it);
-            save(&dir, &w, &w, &state(it)).unwrap();
+            save(&dir, &w, &ModelCard::default(), &w, &state(it)).unwrap();
             prune(&dir, 2, it).unwrap();
         }
         let (st, d) = resolve("auto", &dir).unwrap().unwrap();

@@ -23,6 +23,23 @@ pub trait TrainTask {
     fn forward_train(&mut self) -> Result<Vec<(String, Tensor)>>;
     /// Evaluate on the validation set; `out_dir` may receive drawings / result files.
     fn evaluate(&mut self, out_dir: &Path) -> Result<BTreeMap<String, f64>>;
+    /// Class names in label order (what checkpoints record for `test` / `predict`).
+    fn class_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The dataset's category id of each label (COCO-format data); empty otherwise.
+    fn category_ids(&self) -> Vec<i64> {
+        Vec::new()
+    }
+    /// Images in the training set (what the sampler draws from), when known.
+    fn num_train_images(&self) -> Option<usize> {
+        None
+    }
+    /// Training samples found unreadable (and replaced by the loader) since the last call, each
+    /// reported once.
+    fn take_broken(&mut self) -> Vec<cnx_datasets::loader::BrokenSample> {
+        Vec::new()
+    }
     /// Copy a pretrained backbone into the model (called once at start, not on resume).
     fn load_pretrained(&mut self, _path: &Path) -> Result<String> {
         anyhow::bail!("this model cannot load a pretrained backbone")

@@ -144,7 +144,7 @@ pub fn trainable_parameters(cfg: &Config) -> Result<Vec<(String, Vec<i64>)>> {
 
 /// The detector a config describes: Mask R-CNN or Cascade Mask R-CNN, one type with the RoI
 /// stage its architecture asks for.
-fn build_detector(root: &nn::Path, cfg: &Config) -> Result<TwoStageDetector> {
+pub fn build_detector(root: &nn::Path, cfg: &Config) -> Result<TwoStageDetector> {
     Ok(match cfg.model.arch {
         Arch::CascadeMaskRcnn => TwoStageDetector::new(root, &cascade_config(cfg)?),
         _ => TwoStageDetector::new(root, &detector_config(cfg)?),
@@ -272,13 +272,42 @@ fn loader_config(cfg: &Config) -> LoaderConfig {
         seed: cfg.runtime.seed,
         threads: cfg.data.workers,
         prefetch: 2,
-        skip_missing: false,
-        max_epochs: None,
+        // An unreadable training image is replaced by another of its aspect group (each one
+        // named once by the trainer) unless `data.strict` asks to stop at the first.
+        replace_broken: !cfg.data.strict,
+        ..LoaderConfig::default()
     }
+}
+
+/// The error a training batch failed with, as `cnx train` reports it.
+fn train_data_error(e: cnx_datasets::DatasetError) -> anyhow::Error {
+    if e.is_unreadable_input() {
+        anyhow!("training data: {e} (data.strict = true stops at the first unreadable image; without it the image is replaced and the run goes on)")
+    } else {
+        anyhow!("training data: {e}")
+    }
+}
+
+/// Report the validation images evaluation left out (as `cnx test` does: each named, then the
+/// count) and return the count.
+fn report_skipped_val(skipped: &[cnx_datasets::loader::BrokenSample]) -> usize {
+    for b in skipped {
+        eprintln!("skipping validation image {}: {}", b.file, b.error);
+    }
+    if !skipped.is_empty() {
+        eprintln!(
+            "{} validation images could not be read and were skipped",
+            skipped.len()
+        );
+    }
+    skipped.len()
 }
 
 /// Mask R-CNN on a COCO-format dataset.
 pub struct DetTask {
+    /// Class names and category ids of the training set (label order), for checkpoints.
+    classes: Vec<String>,
+    category_ids: Vec<i64>,
     vs: nn::VarStore,
     backbone: BackboneConfig,
     model: TwoStageDetector,
@@ -342,6 +371,8 @@ impl DetTask {
             },
             p => bail!("unknown data.pipeline {p:?} for detection (detr, simple)"),
         };
+        let classes = train.class_names();
+        let category_ids: Vec<i64> = train.categories.iter().map(|c| c.id).collect();
         let source = Arc::new(CocoTrain::new(train, pipeline));
         let vs = nn::VarStore::new(device);
         let model = build_detector(&vs.root(), cfg)?;
@@ -356,6 +387,8 @@ impl DetTask {
             (g0.div_ceil(bs) + g1.div_ceil(bs)) as u64
         };
         Ok(Self {
+            classes,
+            category_ids,
             vs,
             backbone: backbone_config(cfg)?,
             model,
@@ -386,6 +419,12 @@ impl DetTask {
 }
 
 impl TrainTask for DetTask {
+    fn class_names(&self) -> Vec<String> {
+        self.classes.clone()
+    }
+    fn category_ids(&self) -> Vec<i64> {
+        self.category_ids.clone()
+    }
     fn var_store(&self) -> &nn::VarStore {
         &self.vs
     }
@@ -394,6 +433,12 @@ impl TrainTask for DetTask {
     }
     fn images_per_batch(&self) -> usize {
         self.batch_size
+    }
+    fn take_broken(&mut self) -> Vec<cnx_datasets::loader::BrokenSample> {
+        self.loader_cfg.broken.take_new()
+    }
+    fn num_train_images(&self) -> Option<usize> {
+        Some(cnx_datasets::Source::len(&*self.source))
     }
     fn seek(&mut self, epoch: u64, batch: u64) -> Result<()> {
         if self.loader.is_some() && self.next_pos == (epoch, batch) {
@@ -416,7 +461,8 @@ impl TrainTask for DetTask {
             .ok_or_else(|| anyhow!("seek before forward_train"))?;
         let batch = loader
             .next()
-            .ok_or_else(|| anyhow!("training loader ended"))??;
+            .ok_or_else(|| anyhow!("training loader ended"))?
+            .map_err(train_data_error)?;
         self.next_pos = if batch.iter as u64 + 1 >= self.batches {
             (batch.epoch as u64 + 1, 0)
         } else {
@@ -429,7 +475,18 @@ impl TrainTask for DetTask {
         let mut results = vec![];
         let mut seen = 0;
         let val = self.val.clone();
-        for b in self.val_batches() {
+        // Unreadable validation images are skipped and counted (as `cnx test` does); COCOeval
+        // still sees their ground truth, so they count as missed.
+        let mut batches = TestIter::new(
+            self.val.clone(),
+            TestPipeline {
+                scale: self.test_scale,
+                size_divisor: 32,
+            },
+            2,
+        );
+        batches.skip_broken = true;
+        while let Some(b) = batches.next() {
             let b = b?;
             let dets = self.model.predict_batch(&b, self.device);
             for (d, m) in dets.iter().zip(&b.metas) {
@@ -442,6 +499,7 @@ impl TrainTask for DetTask {
                 break;
             }
         }
+        let skipped = report_skipped_val(&batches.skipped);
         let json = serde_json::to_vec(&results)?;
         std::fs::write(out_dir.join("results.json"), &json)?;
         let gt = cnx_eval::coco::CocoGt::load(&self.val_ann)?;
@@ -465,6 +523,9 @@ impl TrainTask for DetTask {
                 out_dir.join(format!("{n}_summary.txt")),
                 s.format_pycocotools(),
             )?;
+        }
+        if skipped > 0 {
+            out.insert("skipped_images".into(), skipped as f64);
         }
         Ok(out)
     }
@@ -564,6 +625,8 @@ impl DemoTask for DetTask {
 
 /// UperNet on an ADE-format dataset.
 pub struct SegTask {
+    /// Class names (label order) when the dataset or the class count tells them.
+    classes: Vec<String>,
     vs: nn::VarStore,
     backbone: BackboneConfig,
     model: cnx_heads::segmentor::Segmentor,
@@ -621,7 +684,27 @@ impl SegTask {
         let model =
             cnx_heads::segmentor::Segmentor::new(&vs.root(), &sc).map_err(|e| anyhow!("{e}"))?;
         let bs = cfg.data.batch_size;
+        let nc = cfg.model.num_classes as usize;
+        // The dataset's class table; ADE20K's names for a 150-class model without one; names
+        // the table lacks are `class_<i>`.
+        let table: Vec<String> = if train.class_names.is_empty() && nc == 150 {
+            cnx_heads::upernet_palette::ADE20K_CLASSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        } else {
+            train.class_names.clone()
+        };
+        let classes: Vec<String> = (0..nc)
+            .map(|i| {
+                table
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| format!("class_{i}"))
+            })
+            .collect();
         Ok(Self {
+            classes,
             vs,
             backbone: backbone_config(cfg)?,
             model,
@@ -652,6 +735,9 @@ impl SegTask {
 }
 
 impl TrainTask for SegTask {
+    fn class_names(&self) -> Vec<String> {
+        self.classes.clone()
+    }
     fn var_store(&self) -> &nn::VarStore {
         &self.vs
     }
@@ -660,6 +746,12 @@ impl TrainTask for SegTask {
     }
     fn images_per_batch(&self) -> usize {
         self.batch_size
+    }
+    fn take_broken(&mut self) -> Vec<cnx_datasets::loader::BrokenSample> {
+        self.loader_cfg.broken.take_new()
+    }
+    fn num_train_images(&self) -> Option<usize> {
+        Some(cnx_datasets::Source::len(&*self.source))
     }
     fn seek(&mut self, epoch: u64, batch: u64) -> Result<()> {
         if self.loader.is_some() && self.next_pos == (epoch, batch) {
@@ -682,7 +774,8 @@ impl TrainTask for SegTask {
             .ok_or_else(|| anyhow!("seek before forward_train"))?;
         let batch: SegBatch = loader
             .next()
-            .ok_or_else(|| anyhow!("training loader ended"))??;
+            .ok_or_else(|| anyhow!("training loader ended"))?
+            .map_err(train_data_error)?;
         self.next_pos = if batch.iter as u64 + 1 >= self.batches {
             (batch.epoch as u64 + 1, 0)
         } else {
@@ -706,14 +799,30 @@ impl TrainTask for SegTask {
     }
     fn evaluate(&mut self, _out_dir: &Path) -> Result<BTreeMap<String, f64>> {
         let mut acc = cnx_eval::miou::Accumulator::new(self.num_classes, false);
+        let mut skipped = Vec::new();
         for (n, item) in AdeTestIter::new(self.val.clone(), self.test_scale).enumerate() {
             if self.val_max > 0 && n >= self.val_max {
                 break;
             }
-            let item = item?;
+            let item = match item {
+                Ok(item) => item,
+                Err(e) if e.is_unreadable_input() => {
+                    skipped.push(cnx_datasets::loader::BrokenSample {
+                        index: n,
+                        file: e
+                            .path()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|| format!("image {n}")),
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let pred = self.predict(&item);
             acc.add(&pred, &item.label.data)?;
         }
+        let skipped = report_skipped_val(&skipped);
         let names: Vec<String> = if self.val.class_names.len() == self.num_classes {
             self.val.class_names.clone()
         } else {
@@ -721,13 +830,17 @@ impl TrainTask for SegTask {
         };
         let s = acc.summary(&names);
         std::fs::write(_out_dir.join("miou.txt"), s.format_table())?;
-        Ok([
+        let mut out: BTreeMap<String, f64> = [
             ("mIoU".to_string(), s.miou),
             ("aAcc".to_string(), s.aacc),
             ("mAcc".to_string(), s.macc),
         ]
         .into_iter()
-        .collect())
+        .collect();
+        if skipped > 0 {
+            out.insert("skipped_images".into(), skipped as f64);
+        }
+        Ok(out)
     }
     fn load_pretrained(&mut self, path: &Path) -> Result<String> {
         let r = cnx_heads::weights::load_checkpoint_for(&mut self.vs, path, false, &self.backbone)

@@ -47,6 +47,8 @@ pub struct Summary {
     pub metrics: BTreeMap<String, f64>,
     pub seconds: f64,
     pub interrupted: bool,
+    /// Training images found unreadable and replaced (each named once), in the order met.
+    pub skipped_images: Vec<String>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -101,6 +103,15 @@ pub fn train(
     if opts.resume.is_none() {
         checkpoint::refuse_existing_run(&work_dir)?;
     }
+    // The checkpoint to resume from, checked against the config its run was written with
+    // before this run's config.toml replaces it.
+    let resumed = match &opts.resume {
+        Some(r) => checkpoint::resolve(r, &work_dir)?,
+        None => None,
+    };
+    if let Some((st, dir)) = &resumed {
+        refuse_incompatible_resume(cfg, st, dir)?;
+    }
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("creating work dir {}", work_dir.display()))?;
     std::fs::write(work_dir.join("config.toml"), cfg.to_toml()?)?;
@@ -110,7 +121,19 @@ pub fn train(
 
     let accum = cfg.runtime.grad_accum.max(1);
     let batches = task.batches_per_epoch();
-    let ipe = (batches / accum).max(1);
+    // Iterations per epoch of the data as it is now (the data position: epoch = iteration /
+    // data_ipe), and of the schedule (lr steps, the length of an epoch-counted run, the log's
+    // epoch). They differ only when resuming a run whose dataset has changed since: the schedule
+    // then keeps counting in the checkpoint's epochs, so the lr goes on as before and the run
+    // ends at the same iteration, while the data position is recomputed over the new data (the
+    // interrupted epoch continues at the same iteration of the new data's order, every later
+    // epoch is a full pass over the new data). Both depend on the iteration alone, so a later
+    // resume of the changed run stays exact; the checkpoint keeps the schedule's count.
+    let data_ipe = (batches / accum).max(1);
+    let ipe = match &resumed {
+        Some((st, _)) => st.iters_per_epoch.max(1),
+        None => data_ipe,
+    };
     let max_iters = if cfg.runtime.max_iters > 0 {
         cfg.runtime.max_iters
     } else {
@@ -185,17 +208,25 @@ pub fn train(
     // The checkpoint resumed from, when it lives in this work dir: a run that stops before its
     // first iteration (e.g. `--resume auto --stop-at N` to evaluate at N) does not rewrite it.
     let mut resumed_here: Option<PathBuf> = None;
-    if let Some(r) = &opts.resume {
-        match checkpoint::resolve(r, &work_dir)? {
+    if opts.resume.is_some() {
+        match resumed {
             Some((st, dir)) => {
-                if st.config_name != cfg.name {
+                if st.iters_per_epoch != data_ipe {
                     say(format!(
-                        "warning: checkpoint was written by config {:?}, resuming with {:?}",
-                        st.config_name, cfg.name
+                        "warning: the training data changed since the checkpoint: {} iterations per epoch then, {data_ipe} now{} (batch {} x accum {accum}); \
+                         the schedule keeps the checkpoint's {} iterations per epoch ({max_iters} iterations in all, lr unchanged), \
+                         and the data continues at iteration {} of the new data's order (epoch {}, batch {})",
+                        st.iters_per_epoch,
+                        task
+                            .num_train_images()
+                            .map(|n| format!(" ({n} training images)"))
+                            .unwrap_or_default(),
+                        ipb,
+                        st.iters_per_epoch,
+                        st.iter,
+                        st.iter / data_ipe,
+                        st.iter % data_ipe
                     ));
-                }
-                if st.iters_per_epoch != ipe {
-                    bail!("checkpoint has {} iterations per epoch, this config {ipe}: the data or batch size changed", st.iters_per_epoch);
                 }
                 load_weights(task, &dir.join(&st.weights))?;
                 opt.load_state_tensors(
@@ -225,11 +256,17 @@ pub fn train(
         let msg = task.load_pretrained(Path::new(&cfg.model.backbone.pretrained))?;
         say(format!("pretrained backbone: {msg}"));
     }
+    // What every weights file says about its model: the config and the classes.
+    let card = checkpoint::ModelCard {
+        config: Some(cfg.to_toml()?),
+        classes: task.class_names(),
+        category_ids: task.category_ids(),
+    };
     let mut log = RunLog::open(&work_dir, Some(start))?;
     let curves = work_dir.join("curves.png");
 
-    let mut epoch = start / ipe;
-    task.seek(epoch, (start % ipe) * accum)?;
+    let mut epoch = start / data_ipe;
+    task.seek(epoch, (start % data_ipe) * accum)?;
     let pb = if opts.quiet {
         ProgressBar::hidden()
     } else {
@@ -256,12 +293,14 @@ pub fn train(
     let mut metrics = BTreeMap::new();
     let mut iter = start;
     let mut interrupted = false;
+    let mut skipped_images: Vec<String> = Vec::new();
     let save =
         |task: &dyn TrainTask, opt: &AdamW, scaler: &LossScaler, iter: u64| -> Result<PathBuf> {
             let st = ResumeState {
                 iter,
-                epoch: iter / ipe,
-                iter_in_epoch: iter % ipe,
+                // The data position; `iters_per_epoch` is the schedule's (see `data_ipe`).
+                epoch: iter / data_ipe,
+                iter_in_epoch: iter % data_ipe,
                 iters_per_epoch: ipe,
                 seed: cfg.runtime.seed,
                 optimizer_step: opt.step,
@@ -272,7 +311,7 @@ pub fn train(
                 optimizer: checkpoint::optimizer_file_name(iter),
             };
             let weights = named_weights(task);
-            let p = checkpoint::save(&work_dir, &weights, &opt.state_tensors(), &st)?;
+            let p = checkpoint::save(&work_dir, &weights, &card, &opt.state_tensors(), &st)?;
             checkpoint::prune(&work_dir, cfg.runtime.keep_checkpoints, iter)?;
             Ok(p)
         };
@@ -282,8 +321,8 @@ pub fn train(
             interrupted = true;
             break;
         }
-        if iter / ipe != epoch {
-            epoch = iter / ipe;
+        if iter / data_ipe != epoch {
+            epoch = iter / data_ipe;
             task.seek(epoch, 0)?;
         }
         tch::manual_seed(iteration_seed(cfg.runtime.seed, iter));
@@ -380,6 +419,34 @@ pub fn train(
         let grad_norm = outcome.grad_norm;
         iter += 1;
         pb.set_position(iter);
+        // Unreadable images the loader replaced: each named once, here and in log.jsonl.
+        for b in task.take_broken() {
+            if !opts.quiet {
+                let line = format!(
+                    "warning: unreadable training image {}: {}; replaced by another image of its aspect group (data.strict = true stops instead)",
+                    b.file, b.error
+                );
+                if pb.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    pb.println(line);
+                }
+            }
+            log.event(
+                "data",
+                iter,
+                &[
+                    ("skipped_image", b.file.clone().into()),
+                    ("error", b.error.into()),
+                ],
+            )?;
+            skipped_images.push(b.file);
+        }
+        let skipped_note = if skipped_images.is_empty() {
+            String::new()
+        } else {
+            format!(" | {} unreadable images replaced", skipped_images.len())
+        };
 
         let total_loss: f64 = terms.values().sum();
         if bad_loss.is_none() {
@@ -397,7 +464,7 @@ pub fn train(
                 .map(|(k, v)| format!("{} {:.3}", k.trim_start_matches("loss_"), v))
                 .collect();
             pb.set_message(format!(
-                "loss {total_loss:.3} [{}] lr {lr_now:.2e}",
+                "loss {total_loss:.3} [{}] lr {lr_now:.2e}{skipped_note}",
                 short.join(" ")
             ));
         }
@@ -435,7 +502,7 @@ pub fn train(
                     .map(|(k, x)| format!("{k} {x:.4}"))
                     .collect();
                 eprintln!(
-                    "iter {iter}/{stop_at} lr {lr_now:.3e} {} ({:.2} s/it)",
+                    "iter {iter}/{stop_at} lr {lr_now:.3e} {} ({:.2} s/it){skipped_note}",
                     short.join(" "),
                     dt / n_sum as f64
                 );
@@ -455,7 +522,7 @@ pub fn train(
         let ev = cfg.runtime.eval_interval;
         if !opts.no_eval && ev > 0 && iter.is_multiple_of(ev) && iter < stop_at {
             metrics = run_eval(task, &work_dir, iter, &mut log, &pb, opts.quiet)?;
-            keep_best(cfg, task, &work_dir, &metrics, iter, &pb, opts.quiet)?;
+            keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, opts.quiet)?;
             plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
             t_log = Instant::now();
         }
@@ -471,7 +538,7 @@ pub fn train(
         ));
     } else if !opts.no_eval {
         metrics = run_eval(task, &work_dir, iter, &mut log, &pb, opts.quiet)?;
-        keep_best(cfg, task, &work_dir, &metrics, iter, &pb, opts.quiet)?;
+        keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, opts.quiet)?;
     }
     plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
     Ok(Summary {
@@ -481,7 +548,72 @@ pub fn train(
         metrics,
         seconds: t0.elapsed().as_secs_f64(),
         interrupted,
+        skipped_images,
     })
+}
+
+/// Refuse to resume what cannot continue: a checkpoint of another config or model (another
+/// config name; another architecture, backbone or class count in the config.toml next to the
+/// checkpoint), or another batch size (images per step: the lr and the data position are counted
+/// in them). A dataset that gained or lost images is not refused (see `data_ipe` in [`train`]).
+fn refuse_incompatible_resume(cfg: &Config, st: &ResumeState, dir: &Path) -> Result<()> {
+    let what = dir.join(&st.weights);
+    if st.config_name != cfg.name {
+        bail!(
+            "{} was written by config {:?}, this run is {:?}: a checkpoint resumes only the run of its own model (use --pretrained or a new work dir to start another)",
+            what.display(),
+            st.config_name,
+            cfg.name
+        );
+    }
+    let Ok(old) = Config::load(&dir.join("config.toml")) else {
+        return Ok(());
+    };
+    let (a, b) = (&old.model, &cfg.model);
+    let mut changed = Vec::new();
+    if a.arch != b.arch {
+        changed.push(format!("model.arch {:?} -> {:?}", a.arch, b.arch));
+    }
+    if (&a.backbone.variant, &a.backbone.depths, &a.backbone.dims)
+        != (&b.backbone.variant, &b.backbone.depths, &b.backbone.dims)
+    {
+        changed.push(format!(
+            "backbone {} {:?}/{:?} -> {} {:?}/{:?}",
+            a.backbone.variant,
+            a.backbone.depths,
+            a.backbone.dims,
+            b.backbone.variant,
+            b.backbone.depths,
+            b.backbone.dims
+        ));
+    }
+    if a.num_classes != b.num_classes {
+        changed.push(format!(
+            "model.num_classes {} -> {}",
+            a.num_classes, b.num_classes
+        ));
+    }
+    if old.data.batch_size != cfg.data.batch_size {
+        changed.push(format!(
+            "data.batch_size {} -> {}",
+            old.data.batch_size, cfg.data.batch_size
+        ));
+    }
+    if old.runtime.grad_accum != cfg.runtime.grad_accum {
+        changed.push(format!(
+            "runtime.grad_accum {} -> {}",
+            old.runtime.grad_accum, cfg.runtime.grad_accum
+        ));
+    }
+    if !changed.is_empty() {
+        bail!(
+            "cannot resume {}: {} changed since the checkpoint ({}); only the dataset may change on resume",
+            what.display(),
+            changed.join(", "),
+            dir.join("config.toml").display()
+        );
+    }
+    Ok(())
 }
 
 /// The metric a task's best checkpoint is chosen by: COCO box AP for detection, mIoU for
@@ -494,9 +626,11 @@ pub fn best_metric(cfg: &Config) -> &'static str {
 }
 
 /// After an evaluation: keep `best_<metric>.safetensors` when the metric improved.
+#[allow(clippy::too_many_arguments)]
 fn keep_best(
     cfg: &Config,
     task: &dyn TrainTask,
+    card: &checkpoint::ModelCard,
     work_dir: &Path,
     metrics: &BTreeMap<String, f64>,
     iter: u64,
@@ -504,9 +638,14 @@ fn keep_best(
     quiet: bool,
 ) -> Result<()> {
     let metric = best_metric(cfg);
-    if let Some(b) =
-        checkpoint::update_best(work_dir, metric, metrics, iter, || named_weights(task))?
-    {
+    if let Some(b) = checkpoint::update_best(
+        work_dir,
+        metric,
+        metrics,
+        iter,
+        || named_weights(task),
+        card,
+    )? {
         if !quiet {
             pb.println(format!(
                 "best {metric} {:.4} at iteration {iter}: best_{metric}.safetensors",

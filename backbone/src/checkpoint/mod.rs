@@ -127,6 +127,16 @@ impl StateDict {
 
     /// Writes all tensors (made contiguous, on CPU) to a safetensors file.
     pub fn write_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.write_safetensors_with(path, &BTreeMap::new())
+    }
+
+    /// [`StateDict::write_safetensors`] with string `metadata` in the file's header
+    /// (`__metadata__`, read back by [`read_safetensors_metadata`]).
+    pub fn write_safetensors_with(
+        &self,
+        path: impl AsRef<Path>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<()> {
         let path = path.as_ref();
         let st_err = |msg: String| CheckpointError::Safetensors {
             path: path.to_path_buf(),
@@ -156,8 +166,49 @@ impl StateDict {
                     .map_err(|e| st_err(format!("{k}: {e:?}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize_to_file(views, &None, path).map_err(|e| st_err(format!("{e:?}")))
+        let info: Option<HashMap<String, String>> = (!metadata.is_empty()).then(|| {
+            metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        });
+        safetensors::serialize_to_file(views, &info, path).map_err(|e| st_err(format!("{e:?}")))
     }
+}
+
+/// The string metadata (`__metadata__`) of a safetensors file, read from its header alone;
+/// empty when the file has none. Errors name the file.
+pub fn read_safetensors_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>> {
+    let path = path.as_ref();
+    let st_err = |msg: String| CheckpointError::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let io = |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(io)?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 {
+        return Err(st_err(format!("header of {n} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| st_err(format!("header: {e}")))?;
+    let mut out = BTreeMap::new();
+    if let Some(m) = v.get("__metadata__").and_then(|m| m.as_object()) {
+        for (k, v) in m {
+            let v = v
+                .as_str()
+                .ok_or_else(|| st_err(format!("metadata {k:?} is not a string")))?;
+            out.insert(k.clone(), v.to_string());
+        }
+    }
+    Ok(out)
 }
 
 fn kind_to_dtype(k: Kind) -> Option<safetensors::Dtype> {

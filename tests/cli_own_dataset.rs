@@ -1,0 +1,241 @@
+//! Your own dataset end to end, as a user runs it: train on a COCO-format set with its own 6
+//! categories and on an ADE-layout set with its own 9-class table, then `cnx test` and
+//! `cnx predict` with nothing but the checkpoint (it records its config and class names), or
+//! the run's work dir. Category ids and names come from the dataset, not COCO's / ADE20K's.
+
+mod common;
+use common::{cnx, stderr, stdout};
+use std::path::{Path, PathBuf};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cnx-own-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = cnx(args);
+    assert!(
+        o.status.success(),
+        "cnx {}:\n{}\n{}",
+        args.join(" "),
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Two training iterations on `data` into `work`; returns the checkpoint.
+fn train(preset: &str, data: &Path, work: &Path, extra: &[&str]) -> PathBuf {
+    let root = format!("data.root={:?}", s(data));
+    let mut args = vec![
+        "train",
+        preset,
+        "--set",
+        &root,
+        "--set",
+        "runtime.max_iters=2",
+        "--set",
+        "runtime.checkpoint_interval=2",
+        "--stop-at",
+        "2",
+        "--no-eval",
+        "--device",
+        "cpu",
+        "--work-dir",
+        s(work),
+    ];
+    args.extend_from_slice(extra);
+    ok(&args);
+    work.join("iter_0000002.safetensors")
+}
+
+#[test]
+fn detection_on_a_six_category_coco_set() {
+    let d = tmp("det");
+    ok(&[
+        "demo",
+        "det",
+        "--data-only",
+        "--images",
+        "16",
+        "--out",
+        s(&d),
+    ]);
+    let data = d.join("data");
+    let ann = data.join("annotations/instances_val.json");
+    let gt: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ann).unwrap()).unwrap();
+    let cats: Vec<(i64, String)> = gt["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_i64().unwrap(),
+                c["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(cats.len(), 6);
+    let weights = train("demo_mask_rcnn_convnext_nano", &data, &d.join("work"), &[]);
+
+    // test with the checkpoint alone, then with the work dir.
+    let res = d.join("results.json");
+    let out = ok(&[
+        "test",
+        "--weights",
+        s(&weights),
+        "--coco",
+        s(&ann),
+        "--images",
+        s(&data.join("val")),
+        "--out",
+        s(&res),
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.contains("Evaluate annotation type *bbox*"), "{out}");
+    assert!(out.contains("Evaluate annotation type *segm*"), "{out}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&res).unwrap()).unwrap();
+    let ids: Vec<i64> = cats.iter().map(|c| c.0).collect();
+    for det in r.as_array().unwrap() {
+        assert!(ids.contains(&det["category_id"].as_i64().unwrap()), "{det}");
+    }
+    let out = ok(&[
+        "test",
+        "--work-dir",
+        s(&d.join("work")),
+        "--coco",
+        s(&ann),
+        "--images",
+        s(&data.join("val")),
+        "--out",
+        s(&d.join("r2.json")),
+        "--eval",
+        "bbox",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.contains("*bbox*") && !out.contains("*segm*"), "{out}");
+
+    // predict: drawings and COCO results with the dataset's category ids.
+    let imgs: Vec<PathBuf> = std::fs::read_dir(data.join("val"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let pred = d.join("pred");
+    let mut args = vec![
+        "predict",
+        "--weights",
+        s(&weights),
+        "--out-dir",
+        s(&pred),
+        "--device",
+        "cpu",
+    ];
+    args.extend(imgs.iter().map(|p| s(p)));
+    ok(&args);
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pred.join("predictions.json")).unwrap())
+            .unwrap();
+    assert!(!p.as_array().unwrap().is_empty());
+    for det in p.as_array().unwrap() {
+        assert!(ids.contains(&det["category_id"].as_i64().unwrap()), "{det}");
+    }
+    for i in &imgs {
+        let stem = i.file_stem().unwrap().to_string_lossy();
+        assert!(pred.join(format!("{stem}.png")).exists(), "{stem}");
+    }
+
+    // A weights file that records no model needs a preset, and says so.
+    let bare = d.join("bare.safetensors");
+    let t = tch::Tensor::zeros([2], tch::kind::FLOAT_CPU);
+    tch::Tensor::write_safetensors(&[("w", &t)], &bare).unwrap();
+    let o = cnx(&[
+        "test",
+        "--weights",
+        s(&bare),
+        "--coco",
+        s(&ann),
+        "--images",
+        s(&data.join("val")),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("records no model configuration"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn segmentation_on_a_nine_class_ade_layout_set() {
+    let d = tmp("seg");
+    ok(&[
+        "demo",
+        "seg",
+        "--data-only",
+        "--images",
+        "10",
+        "--out",
+        s(&d),
+    ]);
+    let data = d.join("data");
+    // The dataset's own class table: the generator's 8 classes plus a ninth.
+    let info = data.join("objectInfo.txt");
+    let mut table = std::fs::read_to_string(&info).unwrap();
+    table.push_str("9\tlamp\n");
+    std::fs::write(&info, table).unwrap();
+    let weights = train(
+        "demo_upernet_convnext_nano",
+        &data,
+        &d.join("work"),
+        &["--set", "model.num_classes=9"],
+    );
+    let out = ok(&[
+        "test",
+        "--weights",
+        s(&weights),
+        "--ade-root",
+        s(&data),
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.contains("mIoU"), "{out}");
+    let imgs: Vec<PathBuf> = std::fs::read_dir(data.join("images/validation"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let pred = d.join("pred");
+    let mut args = vec![
+        "predict",
+        "--weights",
+        s(&weights),
+        "--out-dir",
+        s(&pred),
+        "--device",
+        "cpu",
+    ];
+    args.extend(imgs.iter().map(|p| s(p)));
+    let out = ok(&args);
+    // Class names are the dataset's (never ADE20K's 150 names).
+    for ade in ["wall", "building", "road", "tree", "ceiling"] {
+        assert!(!out.contains(&format!(" {ade} ")), "{ade} in\n{out}");
+    }
+    for i in &imgs {
+        let stem = i.file_stem().unwrap().to_string_lossy();
+        let label = image::open(pred.join(format!("{stem}.png")))
+            .unwrap()
+            .to_luma8();
+        assert!(
+            label.pixels().all(|p| p[0] < 9),
+            "{stem}: class index out of range"
+        );
+    }
+}
