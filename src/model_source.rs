@@ -143,3 +143,84 @@ impl ModelSource {
         Ok((vs, det))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::presets;
+
+    fn names_and_shapes(vs: &VarStore) -> Vec<(String, Vec<i64>)> {
+        let mut v: Vec<(String, Vec<i64>)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.size()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Every paper preset builds the same network whether a command takes it by name (`test`,
+    /// `predict`, `flops`, `compare`: the heads crate's preset configs) or from the training
+    /// config `cnx train` writes into its checkpoints (the engine's translation): equal
+    /// variable names and shapes, so a model trained by cnx loads where the preset's does.
+    /// The presets of one architecture (three tests, so they build in parallel).
+    fn check_presets(arch: Arch) -> usize {
+        let mut checked = 0;
+        for p in presets::all() {
+            if p.name.starts_with("demo_") || p.config().model.arch != arch {
+                continue;
+            }
+            let cfg = p.config();
+            let by_name = VarStore::new(Device::Cpu);
+            let by_config = VarStore::new(Device::Cpu);
+            if cfg.model.arch == Arch::Upernet {
+                let a = SegmentorConfig::preset(p.name).unwrap();
+                let b = tasks::segmentor_config(&cfg).unwrap();
+                drop(cnx_heads::segmentor::Segmentor::new_uninit(&by_name.root(), &a).unwrap());
+                drop(cnx_heads::segmentor::Segmentor::new_uninit(&by_config.root(), &b).unwrap());
+            } else {
+                let src = ModelSource {
+                    weights: PathBuf::new(),
+                    config: None,
+                    preset: Some(p.name.to_string()),
+                    classes: vec![],
+                    category_ids: vec![],
+                };
+                let a = match src.name() {
+                    n if n.starts_with("cascade_") => {
+                        TwoStageDetector::new(&by_name.root(), &CascadeConfig::preset(n).unwrap())
+                    }
+                    n => {
+                        TwoStageDetector::new(&by_name.root(), &DetectorConfig::preset(n).unwrap())
+                    }
+                };
+                let b = tasks::build_detector(&by_config.root(), &cfg).unwrap();
+                assert_eq!(a.num_classes(), b.num_classes(), "{}", p.name);
+            }
+            let (x, y) = (names_and_shapes(&by_name), names_and_shapes(&by_config));
+            assert!(x.len() > 100, "{}", p.name);
+            assert!(
+                x == y,
+                "{}: the preset and its config build different models",
+                p.name
+            );
+            checked += 1;
+        }
+        checked
+    }
+
+    #[test]
+    fn every_mask_rcnn_preset_builds_the_same_model_through_every_command() {
+        assert_eq!(check_presets(Arch::MaskRcnn), 2);
+    }
+
+    #[test]
+    fn every_cascade_preset_builds_the_same_model_through_every_command() {
+        assert_eq!(check_presets(Arch::CascadeMaskRcnn), 14);
+    }
+
+    #[test]
+    fn every_upernet_preset_builds_the_same_model_through_every_command() {
+        assert_eq!(check_presets(Arch::Upernet), 11);
+    }
+}
