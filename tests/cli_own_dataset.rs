@@ -153,6 +153,42 @@ fn detection_on_a_six_category_coco_set() {
         assert!(pred.join(format!("{stem}.png")).exists(), "{stem}");
     }
 
+    // Folders: --recursive mirrors them in the outputs, same names never collide, --json
+    // lists what was written and skipped, and a skipped image gives exit status 2.
+    let tree = d.join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::copy(&imgs[0], tree.join("a.jpg")).unwrap();
+    std::fs::copy(&imgs[1], tree.join("sub/a.jpg")).unwrap();
+    std::fs::write(tree.join("sub/broken.jpg"), b"not a jpeg").unwrap();
+    let out_dir = d.join("tree_pred");
+    let o = cnx(&[
+        "predict",
+        "--weights",
+        s(&weights),
+        "--out-dir",
+        s(&out_dir),
+        "--device",
+        "cpu",
+        "--recursive",
+        "--json",
+        s(&tree),
+        s(&tree.join("a.jpg")),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let last = stdout(&o).lines().last().unwrap().to_string();
+    let j: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(j["task"], "det");
+    assert_eq!(j["images"], 4);
+    assert_eq!(j["written"].as_array().unwrap().len(), 3);
+    assert!(
+        j["skipped"][0].as_str().unwrap().ends_with("broken.jpg"),
+        "{j}"
+    );
+    for f in ["a.png", "a_1.png", "sub/a.png"] {
+        assert!(out_dir.join(f).exists(), "{f}");
+    }
+    assert!(stderr(&o).contains("broken.jpg"));
+
     // A weights file that records no model needs a preset, and says so.
     let bare = d.join("bare.safetensors");
     let t = tch::Tensor::zeros([2], tch::kind::FLOAT_CPU);
@@ -238,4 +274,26 @@ fn segmentation_on_a_nine_class_ade_layout_set() {
             "{stem}: class index out of range"
         );
     }
+    // The same exit rule as detectors: some images skipped → 2, the others written.
+    let broken = d.join("broken.jpg");
+    std::fs::write(&broken, b"").unwrap();
+    let o = cnx(&[
+        "predict",
+        "--weights",
+        s(&weights),
+        "--out-dir",
+        s(&d.join("pred2")),
+        "--device",
+        "cpu",
+        "--json",
+        s(&imgs[0]),
+        s(&broken),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (j["task"].as_str(), j["images"].as_i64()),
+        (Some("seg"), Some(2))
+    );
+    assert_eq!(j["written"][0]["outputs"].as_array().unwrap().len(), 2);
 }

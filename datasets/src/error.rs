@@ -51,6 +51,35 @@ pub enum DatasetError {
 pub type Result<T> = std::result::Result<T, DatasetError>;
 
 impl DatasetError {
+    /// Whether this is a problem of one input file (missing, truncated, undecodable, unreadable,
+    /// of the wrong size) rather than of the dataset as a whole: what the training loader
+    /// replaces and evaluation skips.
+    pub fn is_unreadable_input(&self) -> bool {
+        matches!(
+            self,
+            DatasetError::MissingImage(_)
+                | DatasetError::TruncatedImage(_)
+                | DatasetError::Decode { .. }
+                | DatasetError::SizeMismatch { .. }
+                | DatasetError::LabelSize { .. }
+                | DatasetError::Io { .. }
+        )
+    }
+
+    /// The file an error is about, when it names one.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            DatasetError::Io { path, .. }
+            | DatasetError::Decode { path, .. }
+            | DatasetError::Json { path, .. }
+            | DatasetError::SizeMismatch { path, .. }
+            | DatasetError::LabelSize { path, .. }
+            | DatasetError::Encode { path, .. } => Some(path),
+            DatasetError::MissingImage(p) | DatasetError::TruncatedImage(p) => Some(p),
+            DatasetError::Invalid(_) => None,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         DatasetError::Io {
             path: path.into(),

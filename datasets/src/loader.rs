@@ -2,11 +2,14 @@
 //! and augmentation on a rayon pool, a bounded prefetch queue fed by a producer thread, and
 //! collation into padded normalized `(N, 3, H, W)` buffers. Every sample's randomness comes from
 //! a ChaCha RNG keyed by (seed, epoch, position in the epoch), so results do not depend on thread
-//! scheduling, and a loader can resume at any iteration.
+//! scheduling, and a loader can resume at any iteration. A sample whose image cannot be read is
+//! replaced by another of its aspect group drawn from the same keyed RNG ([`load_or_replace`]),
+//! so even a run over a damaged dataset stays reproducible and independent of thread count.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rand::seq::SliceRandom;
@@ -85,8 +88,15 @@ pub struct LoaderConfig {
     /// Batches buffered ahead of the consumer.
     pub prefetch: usize,
     /// Skip (and count) samples whose image is missing, truncated or undecodable instead of
-    /// failing.
+    /// failing; the batch comes out smaller.
     pub skip_missing: bool,
+    /// Replace a sample whose image (or label map) cannot be read by another sample of the same
+    /// aspect group ([`load_or_replace`]): batches keep their size. Takes precedence over
+    /// `skip_missing`.
+    pub replace_broken: bool,
+    /// Where the unreadable samples met are recorded; shared by every loader built from clones of
+    /// this config (a run builds a new loader at each epoch).
+    pub broken: Arc<BrokenLog>,
     /// Stop after this many epochs (`None` = run forever).
     pub max_epochs: Option<usize>,
 }
@@ -99,9 +109,159 @@ impl Default for LoaderConfig {
             threads: 0,
             prefetch: 4,
             skip_missing: false,
+            replace_broken: false,
+            broken: Arc::new(BrokenLog::default()),
             max_epochs: None,
         }
     }
+}
+
+/// A training sample that could not be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokenSample {
+    /// Position in the source (what [`Source::load`] takes).
+    pub index: usize,
+    /// The unreadable file (image or label map), or the sample index when the error names none.
+    pub file: String,
+    /// Why it could not be read.
+    pub error: String,
+}
+
+/// The unreadable samples a loader met: each one recorded once, with the ones not yet reported
+/// kept for [`BrokenLog::take_new`], and the number of replacements made.
+#[derive(Debug, Default)]
+pub struct BrokenLog {
+    inner: Mutex<BrokenInner>,
+}
+
+#[derive(Debug, Default)]
+struct BrokenInner {
+    known: BTreeMap<usize, BrokenSample>,
+    unreported: Vec<BrokenSample>,
+    replacements: usize,
+}
+
+impl BrokenLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BrokenInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record that sample `index` failed with `e` (once per sample).
+    pub fn record(&self, index: usize, e: &DatasetError) {
+        let mut g = self.lock();
+        if g.known.contains_key(&index) {
+            return;
+        }
+        let b = BrokenSample {
+            index,
+            file: e
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| format!("sample {index}")),
+            error: e.to_string(),
+        };
+        g.known.insert(index, b.clone());
+        g.unreported.push(b);
+    }
+
+    /// Whether sample `index` is known to be unreadable.
+    pub fn is_known(&self, index: usize) -> bool {
+        self.lock().known.contains_key(&index)
+    }
+
+    /// The samples recorded since the last call, in the order they were met.
+    pub fn take_new(&self) -> Vec<BrokenSample> {
+        std::mem::take(&mut self.lock().unreported)
+    }
+
+    /// Every unreadable sample recorded, by index.
+    pub fn all(&self) -> Vec<BrokenSample> {
+        self.lock().known.values().cloned().collect()
+    }
+
+    /// Samples replaced so far (a broken image drawn in several epochs counts each time).
+    pub fn replacements(&self) -> usize {
+        self.lock().replacements
+    }
+}
+
+/// Load item `i`, drawn at position `p` of epoch `epoch`'s order, with the augmentation RNG of
+/// that position. When it cannot be read ([`DatasetError::is_unreadable_input`]) and a
+/// `broken` log is given (replacement on), the failure is recorded there and the other items of `i`'s aspect group
+/// (`flags`) are tried in an order shuffled by `keyed_rng(seed, epoch, p, 2)`, each with the
+/// position's augmentation RNG, until one loads. The choice depends only on (seed, epoch, p) and
+/// on which files are unreadable, never on threads or timing; a position whose item is readable
+/// is loaded exactly as without this rule. Known-broken items are passed over without a retry
+/// (the same outcome as failing again). Fails when every item of the group is unreadable.
+pub fn load_or_replace<S: Source>(
+    source: &S,
+    flags: &[u8],
+    i: usize,
+    seed: u64,
+    epoch: u64,
+    p: u64,
+    broken: Option<&BrokenLog>,
+) -> Result<S::Sample> {
+    let Some(broken) = broken else {
+        return source.load(i, &mut keyed_rng(seed, epoch, p, 0));
+    };
+    let first = if broken.is_known(i) {
+        None
+    } else {
+        let mut rng = keyed_rng(seed, epoch, p, 0);
+        match source.load(i, &mut rng) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.is_unreadable_input() => {
+                broken.record(i, &e);
+                Some(e)
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let g = flags[i];
+    let mut candidates: Vec<usize> = (0..flags.len())
+        .filter(|&j| j != i && flags[j] == g)
+        .collect();
+    candidates.shuffle(&mut keyed_rng(seed, epoch, p, 2));
+    for &j in &candidates {
+        if broken.is_known(j) {
+            continue;
+        }
+        let mut rng = keyed_rng(seed, epoch, p, 0);
+        match source.load(j, &mut rng) {
+            Ok(s) => {
+                broken.lock().replacements += 1;
+                return Ok(s);
+            }
+            Err(e) if e.is_unreadable_input() => broken.record(j, &e),
+            Err(e) => return Err(e),
+        }
+    }
+    let what = match first {
+        Some(e) => e.to_string(),
+        None => broken
+            .all()
+            .into_iter()
+            .find(|b| b.index == i)
+            .map(|b| b.error)
+            .unwrap_or_else(|| format!("sample {i} is unreadable")),
+    };
+    let group = if flags.iter().any(|&f| f != g) {
+        format!(
+            "of its aspect group ({}, {} images)",
+            if g == 1 {
+                "landscape"
+            } else {
+                "portrait or square"
+            },
+            candidates.len() + 1
+        )
+    } else {
+        format!("of the training set ({} images)", candidates.len() + 1)
+    };
+    Err(DatasetError::Invalid(format!(
+        "{what}; no other image {group} could be read in its place (`cnx data check` lists every problem)"
+    )))
 }
 
 /// Parallel prefetching loader over epochs `start_epoch..`, starting at iteration `start_iter`
@@ -168,8 +328,15 @@ impl<S: Source> Loader<S> {
                         let results: Vec<Result<S::Sample>> = pool.install(|| {
                             jobs.par_iter()
                                 .map(|&(p, i)| {
-                                    let mut rng = keyed_rng(cfg.seed, epoch as u64, p as u64, 0);
-                                    source.load(i, &mut rng)
+                                    load_or_replace(
+                                        &*source,
+                                        &flags,
+                                        i,
+                                        cfg.seed,
+                                        epoch as u64,
+                                        p as u64,
+                                        cfg.replace_broken.then_some(&*cfg.broken),
+                                    )
                                 })
                                 .collect()
                         });
@@ -224,15 +391,7 @@ impl<S: Source> Loader<S> {
 }
 
 fn is_skippable(e: &DatasetError) -> bool {
-    matches!(
-        e,
-        DatasetError::MissingImage(_)
-            | DatasetError::TruncatedImage(_)
-            | DatasetError::Decode { .. }
-            | DatasetError::SizeMismatch { .. }
-            | DatasetError::LabelSize { .. }
-            | DatasetError::Io { .. }
-    )
+    e.is_unreadable_input()
 }
 
 impl<S: Source> Iterator for Loader<S> {
@@ -376,6 +535,10 @@ pub struct TestIter {
     batch_size: usize,
     pos: usize,
     pub with_masks: bool,
+    /// Leave out images that cannot be read (recorded in `skipped`) instead of failing the batch.
+    pub skip_broken: bool,
+    /// Images left out (with `skip_broken`), in dataset order.
+    pub skipped: Vec<BrokenSample>,
 }
 
 impl TestIter {
@@ -386,6 +549,8 @@ impl TestIter {
             batch_size: batch_size.max(1),
             pos: 0,
             with_masks: false,
+            skip_broken: false,
+            skipped: Vec::new(),
         }
     }
 }
@@ -394,16 +559,186 @@ impl Iterator for TestIter {
     type Item = Result<DetBatch>;
     fn next(&mut self) -> Option<Result<DetBatch>> {
         let n = self.ds.images.len();
-        if self.pos >= n {
-            return None;
+        loop {
+            if self.pos >= n {
+                return None;
+            }
+            let end = (self.pos + self.batch_size).min(n);
+            let it = self.pos / self.batch_size;
+            let start = self.pos;
+            let results: Vec<Result<DetSample>> = (start..end)
+                .into_par_iter()
+                .map(|i| self.pipeline.run(&self.ds, i, self.with_masks))
+                .collect();
+            self.pos = end;
+            let mut samples = Vec::with_capacity(results.len());
+            for (i, r) in (start..end).zip(results) {
+                match r {
+                    Ok(s) => samples.push(s),
+                    Err(e) if self.skip_broken && e.is_unreadable_input() => {
+                        self.skipped.push(BrokenSample {
+                            index: i,
+                            file: self.ds.images[i].file_name.clone(),
+                            error: e.to_string(),
+                        })
+                    }
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            if !samples.is_empty() {
+                return Some(Ok(collate_det(samples, self.pipeline.size_divisor, 0, it)));
+            }
         }
-        let end = (self.pos + self.batch_size).min(n);
-        let it = self.pos / self.batch_size;
-        let samples: Result<Vec<DetSample>> = (self.pos..end)
-            .into_par_iter()
-            .map(|i| self.pipeline.run(&self.ds, i, self.with_masks))
-            .collect();
-        self.pos = end;
-        Some(samples.map(|s| collate_det(s, self.pipeline.size_divisor, 0, it)))
+    }
+}
+
+#[cfg(test)]
+mod replace_tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::path::PathBuf;
+
+    /// Items `0..n` with the given groups; `broken` ones fail as truncated files. A sample is
+    /// `(item, first draw of its rng)` so the augmentation RNG it was given can be checked.
+    struct Fake {
+        groups: Vec<u8>,
+        broken: BTreeSet<usize>,
+    }
+
+    impl Source for Fake {
+        type Sample = (usize, u64);
+        type Batch = Vec<(usize, u64)>;
+        fn len(&self) -> usize {
+            self.groups.len()
+        }
+        fn group(&self, i: usize) -> u8 {
+            self.groups[i]
+        }
+        fn load(&self, i: usize, rng: &mut ChaCha8Rng) -> Result<(usize, u64)> {
+            if self.broken.contains(&i) {
+                return Err(DatasetError::TruncatedImage(PathBuf::from(format!(
+                    "img{i}.jpg"
+                ))));
+            }
+            Ok((i, rng.gen()))
+        }
+        fn collate(&self, s: Vec<(usize, u64)>, _epoch: usize, _iter: usize) -> Self::Batch {
+            s
+        }
+    }
+
+    fn fake(n: usize, broken: &[usize]) -> Fake {
+        Fake {
+            groups: (0..n).map(|i| (i % 3 == 0) as u8).collect(),
+            broken: broken.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn replacement_is_another_item_of_the_same_group_and_deterministic() {
+        let src = fake(30, &[3, 4]);
+        let flags: Vec<u8> = (0..30).map(|i| src.group(i)).collect();
+        let mut seen = BTreeSet::new();
+        for p in 0..20u64 {
+            for &i in &[3usize, 4] {
+                let log = BrokenLog::default();
+                let (j, draw) = load_or_replace(&src, &flags, i, 7, 1, p, Some(&log)).unwrap();
+                assert_ne!(j, i);
+                assert!(!src.broken.contains(&j));
+                assert_eq!(flags[j], flags[i], "item {j} replaced {i} across groups");
+                // The replacement gets the augmentation RNG of the position.
+                assert_eq!(draw, keyed_rng(7, 1, p, 0).gen::<u64>());
+                // Same key, same choice: with a fresh log and with one that knows more.
+                let again = load_or_replace(&src, &flags, i, 7, 1, p, Some(&log)).unwrap();
+                assert_eq!(again.0, j);
+                let other = BrokenLog::default();
+                other.record(4, &DatasetError::TruncatedImage("img4.jpg".into()));
+                other.record(3, &DatasetError::TruncatedImage("img3.jpg".into()));
+                let known = load_or_replace(&src, &flags, i, 7, 1, p, Some(&other)).unwrap();
+                assert_eq!(known.0, j);
+                assert_eq!(log.all().iter().map(|b| b.index).collect::<Vec<_>>(), [i]);
+                assert_eq!(log.replacements(), 2);
+                seen.insert((i, j));
+            }
+        }
+        // The key spreads the replacements over the group rather than always picking one.
+        assert!(seen.len() > 4, "{seen:?}");
+        // Readable items load as without the rule.
+        let log = BrokenLog::default();
+        assert_eq!(
+            load_or_replace(&src, &flags, 5, 7, 1, 9, Some(&log)).unwrap(),
+            load_or_replace(&src, &flags, 5, 7, 1, 9, None).unwrap()
+        );
+        assert!(log.all().is_empty());
+        // Without a log the error comes back as it was.
+        let e = load_or_replace(&src, &flags, 3, 7, 1, 9, None).unwrap_err();
+        assert!(matches!(e, DatasetError::TruncatedImage(_)), "{e}");
+    }
+
+    #[test]
+    fn gives_up_when_every_image_of_the_group_is_broken() {
+        // Group 1 = items 0, 3, 6, 9: all broken; group 0 is fine.
+        let src = fake(10, &[0, 3, 6, 9]);
+        let flags: Vec<u8> = (0..10).map(|i| src.group(i)).collect();
+        let log = BrokenLog::default();
+        let e = load_or_replace(&src, &flags, 6, 0, 0, 0, Some(&log)).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("img6.jpg") && m.contains("aspect group") && m.contains("4 images"),
+            "{m}"
+        );
+        assert_eq!(log.all().len(), 4);
+        // Each broken file is reported once.
+        assert_eq!(log.take_new().len(), 4);
+        assert!(log.take_new().is_empty());
+        // A known-broken item fails the same way without being read again.
+        let e = load_or_replace(&src, &flags, 3, 0, 0, 5, Some(&log)).unwrap_err();
+        assert!(e.to_string().contains("img3.jpg"), "{e}");
+        assert!(log.take_new().is_empty());
+    }
+
+    #[test]
+    fn loader_keeps_batches_full_and_order_independent_of_threads() {
+        let run = |broken: &[usize], threads: usize| {
+            let cfg = LoaderConfig {
+                batch_size: 2,
+                seed: 3,
+                threads,
+                prefetch: 2,
+                replace_broken: true,
+                max_epochs: Some(2),
+                ..Default::default()
+            };
+            let log = cfg.broken.clone();
+            let batches: Vec<Vec<(usize, u64)>> =
+                Loader::new(Arc::new(fake(13, broken)), cfg, 0, 0)
+                    .unwrap()
+                    .map(|b| b.unwrap())
+                    .collect();
+            (batches, log.all().len(), log.replacements())
+        };
+        let (clean, n, r) = run(&[], 1);
+        assert_eq!((n, r), (0, 0));
+        let (bad, n, r) = run(&[2, 9], 1);
+        let (bad4, n4, r4) = run(&[2, 9], 4);
+        assert_eq!(bad, bad4, "thread count changed the data");
+        assert_eq!((n, n4), (2, 2));
+        // Two broken images, each drawn once per epoch (group padding may add more draws).
+        assert!(r >= 4 && r == r4, "{r} {r4}");
+        assert_eq!(clean.len(), bad.len());
+        let mut differ = 0;
+        for (c, b) in clean.iter().zip(&bad) {
+            assert_eq!(b.len(), 2, "batches keep their size");
+            for (x, y) in c.iter().zip(b) {
+                if [2, 9].contains(&x.0) {
+                    assert_ne!(y.0, x.0);
+                    assert_eq!(y.1, x.1, "the replacement gets the position's rng");
+                    differ += 1;
+                } else {
+                    assert_eq!(x, y, "readable samples are untouched");
+                }
+            }
+        }
+        assert_eq!(differ, r);
     }
 }

@@ -145,6 +145,7 @@ fn loader_deterministic_resumable_and_grouped() {
         prefetch: 2,
         skip_missing: false,
         max_epochs: Some(2),
+        ..Default::default()
     };
     let a: Vec<_> = Loader::new(src.clone(), cfg(1), 0, 0)
         .unwrap()

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod doctor;
 pub mod eval;
 pub mod flops;
+pub mod inputs;
 pub mod predict;
 pub mod presets;
 pub mod seg;

@@ -63,6 +63,14 @@ pub struct Args {
     /// Post-processing (box decoding, RoIAlign, NMS) stays in fp32.
     #[arg(long)]
     pub bf16: bool,
+    /// Also take the images in subfolders of the folders given (outputs mirror the folders).
+    #[arg(long)]
+    pub recursive: bool,
+    /// End with one JSON object: {"task", "images", "written": [{"image", "outputs"}],
+    /// "skipped": [...], "predictions"}.
+    #[arg(long)]
+    pub json: bool,
+    /// Image files and folders (a folder's images; `--recursive` descends).
     #[arg(required_unless_present = "bench")]
     pub images: Vec<PathBuf>,
 }
@@ -153,9 +161,7 @@ pub fn run(args: Args) -> Result<()> {
         args.work_dir.as_deref(),
         args.weights.as_deref(),
     )?;
-    if args.images.is_empty() {
-        bail!("no images given");
-    }
+    let inputs = crate::cmd::inputs::collect(&args.images, args.recursive)?;
     if src.is_segmentor() {
         let mode = match args.mode.as_deref() {
             None => None,
@@ -167,14 +173,25 @@ pub fn run(args: Args) -> Result<()> {
             mode,
             aug_test: args.aug_test,
             out_dir: args.out_dir.clone(),
-            images: args.images.clone(),
+            images: inputs.clone(),
             classes: src.classes.clone(),
             device,
         };
         // Autocast is thread state: the segmentor's forward passes run in this thread.
-        return amp::autocast(device, precision(&args), || {
+        let done = amp::autocast(device, precision(&args), || {
             crate::cmd::seg::predict_with(&o)
-        });
+        })?;
+        if args.json {
+            let written: Vec<serde_json::Value> = done
+                .written
+                .iter()
+                .map(|(i, l, o)| serde_json::json!({"image": i, "outputs": [l, o]}))
+                .collect();
+            let v = serde_json::json!({"task": "seg", "images": inputs.len(),
+                "written": written, "skipped": done.skipped, "predictions": null});
+            println!("{v}");
+        }
+        return crate::cmd::inputs::finish(&done.skipped, inputs.len());
     }
     let (_vs, det) = src.load_detector(args.drop_class_layers, device)?;
     std::fs::create_dir_all(&args.out_dir)
@@ -192,13 +209,15 @@ pub fn run(args: Args) -> Result<()> {
         src.category_ids.clone()
     };
     let mut all: Vec<CocoResult> = Vec::new();
-    let mut failed = 0usize;
-    for (i, path) in args.images.iter().enumerate() {
+    let mut skipped: Vec<PathBuf> = Vec::new();
+    let mut written: Vec<serde_json::Value> = Vec::new();
+    for (i, input) in inputs.iter().enumerate() {
+        let path = &input.path;
         let img = match image_io::read_rgb(path) {
             Ok(img) => img,
             Err(e) => {
                 eprintln!("skipping {}: {e}", path.display());
-                failed += 1;
+                skipped.push(path.clone());
                 continue;
             }
         };
@@ -208,10 +227,13 @@ pub fn run(args: Args) -> Result<()> {
             det.predict(&x, std::slice::from_ref(&meta))
         });
         let d = &dets[0];
-        let file_name = path
-            .file_name()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
+        // The image's name relative to the folder it was found in (unique across inputs).
+        let file_name = match path.extension() {
+            Some(e) => input.out.with_extension(e),
+            None => input.out.clone(),
+        }
+        .display()
+        .to_string();
         let res = to_coco(d, i as i64, Some(&file_name), &|l| {
             cat_ids.get(l as usize).copied().unwrap_or(l)
         });
@@ -240,11 +262,7 @@ pub fn run(args: Args) -> Result<()> {
             })
             .collect();
         draw::draw_instances(&mut canvas, &inst, &names);
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_else(|| format!("image{i}"));
-        let out = args.out_dir.join(format!("{stem}.png"));
+        let out = input.output(&args.out_dir, ".png")?;
         canvas
             .save(&out)
             .with_context(|| format!("writing {}", out.display()))?;
@@ -257,17 +275,17 @@ pub fn run(args: Args) -> Result<()> {
             t0.elapsed().as_secs_f64(),
             out.display()
         );
+        written.push(serde_json::json!({"image": path, "outputs": [out]}));
         all.extend(res);
     }
     let json = args.out_dir.join("predictions.json");
     std::fs::write(&json, serde_json::to_vec(&all)?)
         .with_context(|| format!("writing {}", json.display()))?;
     println!("{} results → {}", all.len(), json.display());
-    if failed > 0 {
-        eprintln!("{failed} of {} images could not be read", args.images.len());
-        if failed == args.images.len() {
-            bail!("no image could be read");
-        }
+    if args.json {
+        let v = serde_json::json!({"task": "det", "images": inputs.len(), "written": written,
+            "skipped": skipped, "predictions": json});
+        println!("{v}");
     }
-    Ok(())
+    crate::cmd::inputs::finish(&skipped, inputs.len())
 }

@@ -27,7 +27,7 @@ pub struct PredictOpts {
     pub mode: Option<TestMode>,
     pub aug_test: bool,
     pub out_dir: PathBuf,
-    pub images: Vec<PathBuf>,
+    pub images: Vec<crate::cmd::inputs::Input>,
     /// Class names recorded with the model (empty: ADE20K's).
     pub classes: Vec<String>,
     pub device: Device,
@@ -176,8 +176,15 @@ fn mode_of(seg: &Segmentor, mode: Option<TestMode>, aug: bool) -> (TestMode, Str
     (m, desc)
 }
 
+/// What `cnx predict` wrote for a segmentor: (image, label PNG, overlay) per image read, and
+/// the images that could not be read.
+pub struct PredictOutcome {
+    pub written: Vec<(PathBuf, PathBuf, PathBuf)>,
+    pub skipped: Vec<PathBuf>,
+}
+
 /// `cnx predict` for a segmentor.
-pub fn predict_with(o: &PredictOpts) -> Result<()> {
+pub fn predict_with(o: &PredictOpts) -> Result<PredictOutcome> {
     if o.images.is_empty() {
         bail!("no images given");
     }
@@ -191,23 +198,26 @@ pub fn predict_with(o: &PredictOpts) -> Result<()> {
     } else {
         o.classes.clone()
     };
-    let mut failed = 0;
-    for path in &o.images {
+    let mut out = PredictOutcome {
+        written: vec![],
+        skipped: vec![],
+    };
+    for input in &o.images {
+        let path = &input.path;
         let img = match image_io::read_rgb(path) {
             Ok(i) => i,
             Err(e) => {
                 eprintln!("skipping {}: {e}", path.display());
-                failed += 1;
+                out.skipped.push(path.clone());
                 continue;
             }
         };
         let t = std::time::Instant::now();
         let scores = seg.predict_image(&img, mode, o.aug_test, o.device);
         let pred = argmax_u8(&scores);
-        let s = stem(path);
-        let label = o.out_dir.join(format!("{s}.png"));
+        let label = input.output(&o.out_dir, ".png")?;
         write_label_png(&label, &pred, img.w, img.h)?;
-        let ov = o.out_dir.join(format!("{s}_overlay.png"));
+        let ov = input.output(&o.out_dir, "_overlay.png")?;
         overlay(&img, &pred, &names)
             .save(&ov)
             .with_context(|| format!("writing {}", ov.display()))?;
@@ -238,11 +248,9 @@ pub fn predict_with(o: &PredictOpts) -> Result<()> {
             label.display(),
             ov.display()
         );
+        out.written.push((path.clone(), label, ov));
     }
-    if failed > 0 {
-        bail!("{failed} of {} images could not be read", o.images.len());
-    }
-    Ok(())
+    Ok(out)
 }
 
 /// Raw label values that are neither a class (1..=num_classes) nor ignored (0, 255) after
@@ -498,7 +506,11 @@ mod tests {
             mode: Some(TestMode::Whole),
             aug_test: true,
             out_dir: dir.clone(),
-            images: vec![PathBuf::from(format!("{FIX}/ADE_val_00000003.png"))],
+            images: crate::cmd::inputs::collect(
+                &[PathBuf::from(format!("{FIX}/ADE_val_00000003.png"))],
+                false,
+            )
+            .unwrap(),
             classes: vec![],
             device: Device::Cpu,
         };

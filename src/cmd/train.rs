@@ -113,6 +113,7 @@ pub fn run(args: Args) -> Result<()> {
             "metrics": s.metrics,
             "seconds": s.seconds,
             "interrupted": s.interrupted,
+            "skipped_images": s.skipped_images,
         });
         println!("{v}");
     } else {
@@ -126,6 +127,15 @@ pub fn run(args: Args) -> Result<()> {
             println!("{k:<12} {v:.4}");
         }
         println!("time       {:.1} s", s.seconds);
+        if !s.skipped_images.is_empty() {
+            println!(
+                "skipped    {} unreadable training images (each replaced by another image of its aspect group):",
+                s.skipped_images.len()
+            );
+            for f in &s.skipped_images {
+                println!("           {f}");
+            }
+        }
     }
     if s.interrupted {
         std::process::exit(130);

@@ -136,6 +136,10 @@ pub struct DataConfig {
     pub workers: usize,
     /// Validation images used by periodic evaluation (0 = all).
     pub val_max_images: usize,
+    /// Stop at the first training image that cannot be read (naming it) instead of replacing it
+    /// by another image of its aspect group and going on.
+    #[serde(default)]
+    pub strict: bool,
 }
 
 /// How parameters are grouped for learning-rate decay.

@@ -96,6 +96,24 @@ impl RunLog {
         }
         Ok(())
     }
+
+    /// Log one event line (`mode` e.g. "data") that is not a point of the curves.
+    pub fn event(
+        &mut self,
+        mode: &str,
+        iter: u64,
+        fields: &[(&str, serde_json::Value)],
+    ) -> Result<()> {
+        let mut obj = serde_json::Map::new();
+        obj.insert("mode".into(), mode.into());
+        obj.insert("iter".into(), iter.into());
+        for (k, v) in fields {
+            obj.insert((*k).into(), v.clone());
+        }
+        writeln!(self.file, "{}", serde_json::Value::Object(obj))?;
+        self.file.flush()?;
+        Ok(())
+    }
 }
 
 static FONT: Once = Once::new();

@@ -393,6 +393,7 @@ fn coco_data() -> DataConfig {
         batch_size: 16,
         workers: 4,
         val_max_images: 0,
+        strict: false,
     }
 }
 
@@ -518,6 +519,7 @@ fn seg(size: &str, crop: u32, lr: f64, drop_path: f64) -> Config {
             batch_size: 16,
             workers: 4,
             val_max_images: 0,
+            strict: false,
         },
         optimizer: OptimizerConfig {
             lr,
@@ -598,6 +600,7 @@ fn demo_det() -> Config {
         batch_size: 4,
         workers: 2,
         val_max_images: 0,
+        strict: false,
     };
     c.optimizer.lr = 2e-3;
     c.optimizer.base_batch_size = 4;
@@ -659,6 +662,7 @@ fn demo_seg() -> Config {
         batch_size: 8,
         workers: 2,
         val_max_images: 0,
+        strict: false,
     };
     c.optimizer.lr = 2e-3;
     c.optimizer.base_batch_size = 8;

@@ -486,7 +486,7 @@ impl TrainTask for DetTask {
             2,
         );
         batches.skip_broken = true;
-        while let Some(b) = batches.next() {
+        for b in batches.by_ref() {
             let b = b?;
             let dets = self.model.predict_batch(&b, self.device);
             for (d, m) in dets.iter().zip(&b.metas) {
