@@ -2,23 +2,10 @@
 //! goes, an I/O error root gets too) stops the run with the reason, leaves no partial files and
 //! `latest.json` at the previous checkpoint; `--resume auto` then continues from it.
 
+mod common;
+use common::{cnx, text};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn cnx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cnx"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn latest_iter(work: &Path) -> u64 {
     let v: serde_json::Value =

@@ -2,29 +2,10 @@
 //! COCO and ADE sets written by `cnx data synth`, then damaged (truncated, zero-byte, missing,
 //! resized images; out-of-range, unreadable, missing and wrong-size label PNGs).
 
+mod common;
+use common::{cnx, text, tmp};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn cnx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cnx"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cnx-cli-check-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
 
 fn synth(kind: &str, out: &Path, n: usize) {
     let o = cnx(&[
@@ -64,7 +45,7 @@ fn damage_coco(train: &Path) -> Vec<(PathBuf, &'static str)> {
 
 #[test]
 fn coco_check_lists_every_problem_and_fails() {
-    let d = tmp("coco");
+    let d = tmp("cli-check-coco");
     synth("coco", &d, 10); // 8 train, 2 val
     let ann = d.join("annotations/instances_train.json");
     let bad = damage_coco(&d.join("train"));
@@ -134,7 +115,7 @@ fn coco_check_lists_every_problem_and_fails() {
 
 #[test]
 fn ade_check_finds_label_problems() {
-    let d = tmp("ade");
+    let d = tmp("cli-check-ade");
     synth("ade", &d, 10); // 8 training, 2 validation; labels 0..=8 (objectInfo.txt: 8 classes)
     let lab = |i: usize| d.join(format!("annotations/training/ADE_train_{i:08}.png"));
     // Out of range: 200 > 8 classes (255, the ignore value, is allowed).
@@ -200,7 +181,7 @@ fn ade_check_finds_label_problems() {
 
 #[test]
 fn train_names_every_missing_image_before_starting() {
-    let d = tmp("train");
+    let d = tmp("cli-check-train");
     synth("coco", &d, 10);
     let gone: Vec<PathBuf> = [2usize, 5, 7, 9]
         .iter()

@@ -4,14 +4,8 @@
 //! the run's work dir. Category ids and names come from the dataset, not COCO's / ADE20K's.
 
 mod common;
-use common::{cnx, stderr, stdout};
+use common::{cnx, stderr, stdout, tmp};
 use std::path::{Path, PathBuf};
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cnx-own-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -56,7 +50,7 @@ fn train(preset: &str, data: &Path, work: &Path, extra: &[&str]) -> PathBuf {
 
 #[test]
 fn detection_on_a_six_category_coco_set() {
-    let d = tmp("det");
+    let d = tmp("own-det");
     ok(&[
         "demo",
         "det",
@@ -212,7 +206,7 @@ fn detection_on_a_six_category_coco_set() {
 
 #[test]
 fn segmentation_on_a_nine_class_ade_layout_set() {
-    let d = tmp("seg");
+    let d = tmp("own-seg");
     ok(&[
         "demo",
         "seg",

@@ -5,14 +5,8 @@
 
 mod common;
 
-use common::{cnx, stderr, stdout};
-use std::path::{Path, PathBuf};
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cnx-cli-faults-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+use common::{cnx, stderr, stdout, tmp};
+use std::path::Path;
 
 /// 16 training and 4 validation images (`{id:012}.jpg`, ids 1-16 train).
 fn synth(out: &Path) {
@@ -69,7 +63,7 @@ fn truncate(p: &Path) {
 
 #[test]
 fn unreadable_images_are_replaced_named_and_counted_or_stop_under_strict() {
-    let d = tmp("broken");
+    let d = tmp("cli-faults-broken");
     synth(&d);
     let name = |i: usize| format!("{i:012}.jpg");
     truncate(&d.join("train").join(name(3)));
@@ -172,7 +166,7 @@ fn unreadable_images_are_replaced_named_and_counted_or_stop_under_strict() {
 
 #[test]
 fn resume_after_deleting_training_images_finishes_the_schedule() {
-    let d = tmp("resume");
+    let d = tmp("cli-faults-resume");
     synth(&d);
     // A two-epoch schedule counted in epochs: its length depends on the data.
     let epochs = [
