@@ -148,9 +148,9 @@ pub fn select_class_deltas(bbox_pred: &Tensor, labels: &Tensor, pos_idx: &Tensor
     p.gather(1, &l, false).squeeze_dim(1)
 }
 
-/// mmdet's loss of `BBoxHead` with L1 on deltas: `(loss_cls, loss_bbox, acc)`. The box loss is
-/// summed over positives and divided by the number of all sampled RoIs, as mmdet 2.x does.
-pub fn box_loss_l1(cls: &Tensor, bbox_pred: &Tensor, t: &BoxTargets) -> (Tensor, Tensor, Tensor) {
+/// The classification half of mmdet's `BBoxHead.loss`: cross-entropy averaged over all sampled
+/// RoIs, and the accuracy (percent, detached) — shared by every box head's loss.
+pub fn cls_loss_and_acc(cls: &Tensor, t: &BoxTargets) -> (Tensor, Tensor) {
     let n = cls.size()[0].max(1) as f64;
     let logp = cls.log_softmax(-1, Kind::Float);
     let loss_cls = -logp
@@ -163,6 +163,14 @@ pub fn box_loss_l1(cls: &Tensor, bbox_pred: &Tensor, t: &BoxTargets) -> (Tensor,
         .to_kind(Kind::Float)
         .mean(Kind::Float)
         * 100.0;
+    (loss_cls, acc.detach())
+}
+
+/// mmdet's loss of `BBoxHead` with L1 on deltas: `(loss_cls, loss_bbox, acc)`. The box loss is
+/// summed over positives and divided by the number of all sampled RoIs, as mmdet 2.x does.
+pub fn box_loss_l1(cls: &Tensor, bbox_pred: &Tensor, t: &BoxTargets) -> (Tensor, Tensor, Tensor) {
+    let n = cls.size()[0].max(1) as f64;
+    let (loss_cls, acc) = cls_loss_and_acc(cls, t);
     let pos_idx = t.pos_mask.nonzero().view([-1]);
     let loss_bbox = if pos_idx.size()[0] > 0 {
         let p = select_class_deltas(bbox_pred, &t.labels, &pos_idx);
@@ -173,7 +181,7 @@ pub fn box_loss_l1(cls: &Tensor, bbox_pred: &Tensor, t: &BoxTargets) -> (Tensor,
     } else {
         bbox_pred.sum(Kind::Float) * 0.0
     };
-    (loss_cls, loss_bbox, acc.detach())
+    (loss_cls, loss_bbox, acc)
 }
 
 /// Detections of one image: boxes (D,4) in original-image coordinates, scores (D), labels (D).

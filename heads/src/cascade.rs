@@ -322,17 +322,7 @@ impl CascadeRoiHead {
         coder: &DeltaXYWHCoder,
     ) -> (Tensor, Tensor, Tensor) {
         let n = cls.size()[0].max(1) as f64;
-        let logp = cls.log_softmax(-1, Kind::Float);
-        let loss_cls = -logp
-            .gather(1, &t.labels.view([-1, 1]), false)
-            .sum(Kind::Float)
-            / n;
-        let acc = cls
-            .argmax(-1, false)
-            .eq_tensor(&t.labels)
-            .to_kind(Kind::Float)
-            .mean(Kind::Float)
-            * 100.0;
+        let (loss_cls, acc) = bbox_head::cls_loss_and_acc(cls, t);
         let pos_idx = t.pos_mask.nonzero().view([-1]);
         let loss_bbox = if pos_idx.size()[0] > 0 {
             let d = bbox_head::select_class_deltas(reg, &t.labels, &pos_idx).to_kind(Kind::Float);
@@ -343,7 +333,7 @@ impl CascadeRoiHead {
         } else {
             reg.sum(Kind::Float) * 0.0
         };
-        (loss_cls, loss_bbox, acc.detach())
+        (loss_cls, loss_bbox, acc)
     }
 }
 
