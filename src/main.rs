@@ -51,6 +51,8 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Backbone-transfer tables (paper Tables 3/4): params, FLOPs, FPS beside the paper's rows.
     Compare(cmd::compare::Args),
+    /// Speed (images/s, ms per iteration) and peak memory of a preset, inference or training.
+    Benchmark(cmd::benchmark::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         Command::Config(a) => cmd::config::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Compare(a) => cmd::compare::run(a),
+        Command::Benchmark(a) => cmd::benchmark::run(a),
         Command::Classify(a) => cmd::classify::run(a),
         Command::Flops(a) => cmd::flops::run(a),
         Command::Convert(a) => cmd::convert::run(a),

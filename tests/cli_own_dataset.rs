@@ -118,6 +118,30 @@ fn detection_on_a_six_category_coco_set() {
     ]);
     assert!(out.contains("*bbox*") && !out.contains("*segm*"), "{out}");
 
+    // --json: the metrics under the names of the training log (one schema everywhere).
+    let out = ok(&[
+        "test",
+        "--weights",
+        s(&weights),
+        "--coco",
+        s(&ann),
+        "--images",
+        s(&data.join("val")),
+        "--out",
+        s(&d.join("r3.json")),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let m = j["metrics"].as_object().unwrap();
+    for t in ["bbox", "segm"] {
+        for k in ["mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l"] {
+            assert!(m.contains_key(&format!("{t}_{k}")), "{t}_{k} in {j}");
+        }
+    }
+    assert_eq!(m.len(), 12, "{j}");
+
     // predict: drawings and COCO results with the dataset's category ids.
     let imgs: Vec<PathBuf> = std::fs::read_dir(data.join("val"))
         .unwrap()
@@ -238,6 +262,19 @@ fn segmentation_on_a_nine_class_ade_layout_set() {
         "cpu",
     ]);
     assert!(out.contains("mIoU"), "{out}");
+    let out = ok(&[
+        "test",
+        "--weights",
+        s(&weights),
+        "--ade-root",
+        s(&data),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let keys: Vec<&String> = j["metrics"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["aAcc", "mAcc", "mIoU"], "{j}");
     let imgs: Vec<PathBuf> = std::fs::read_dir(data.join("images/validation"))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -59,6 +59,17 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// `mIoU`, `mAcc`, `aAcc` (percent): the `metrics` schema of every cnx command's JSON.
+    pub fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        [
+            ("mIoU".to_string(), self.miou),
+            ("mAcc".to_string(), self.macc),
+            ("aAcc".to_string(), self.aacc),
+        ]
+        .into_iter()
+        .collect()
+    }
+
     /// The table mmseg logs: per-class IoU/Acc and the summary, two decimals.
     pub fn format_table(&self) -> String {
         let fmt = |v: Option<f64>| match v {

@@ -154,6 +154,7 @@ pub fn run(args: Args) -> Result<()> {
                 }
             }
         }
+        obj.insert("metrics".into(), serde_json::json!(m));
         obj.insert("out_dir".into(), out.display().to_string().into());
         obj.insert("seconds".into(), seconds.into());
         println!("{}", serde_json::Value::Object(obj));

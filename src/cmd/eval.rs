@@ -145,10 +145,12 @@ fn run_coco(a: CocoArgs) -> Result<()> {
     }
     if a.json {
         let mut out = CocoJson {
+            metrics: Default::default(),
             bbox: None,
             segm: None,
         };
         for (t, v) in json {
+            out.metrics.extend(v.summary.metrics(t.name()));
             match t {
                 IouType::Bbox => out.bbox = Some(v),
                 IouType::Segm => out.segm = Some(v),
@@ -159,9 +161,11 @@ fn run_coco(a: CocoArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--json` output of `cnx eval coco` (fields in pycocotools' stats order).
+/// `--json` output of `cnx eval coco` (fields in pycocotools' stats order), plus `metrics` in
+/// the names every cnx command's JSON uses (bbox_mAP, ..., segm_mAP_l).
 #[derive(Serialize)]
 struct CocoJson {
+    metrics: std::collections::BTreeMap<String, f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bbox: Option<TypeJson>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -276,8 +280,11 @@ fn run_seg(a: SegArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     if a.json {
-        // NaN (class absent from GT and prediction) is written as null.
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        // NaN (class absent from GT and prediction) is written as null; `metrics` in the names
+        // every cnx command's JSON uses.
+        let mut v = serde_json::to_value(&s)?;
+        v["metrics"] = serde_json::to_value(s.metrics())?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", s.format_table());
     }

@@ -2,6 +2,7 @@
 
 pub mod bench_forward;
 pub mod bench_seg;
+pub mod benchmark;
 pub mod classify;
 pub mod compare;
 pub mod config;

@@ -66,6 +66,10 @@ pub struct Args {
     /// Segmentors: also write each prediction as an 8-bit label PNG here (`cnx eval seg` input).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
+    /// Print one JSON object: {"task", "model", "metrics", ...} (`metrics` with the names of the
+    /// training log: bbox_mAP, bbox_mAP_50, ..., segm_mAP_l; mIoU, mAcc, aAcc).
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -93,7 +97,13 @@ pub fn run(args: Args) -> Result<()> {
             out_dir: args.out_dir.clone(),
             device,
         };
-        crate::cmd::seg::test_with(&o)?;
+        let r = crate::cmd::seg::test_with(&o)?;
+        if args.json {
+            let v = serde_json::json!({"task": "seg", "model": src.name(),
+                "images": r.evaluated + r.skipped_no_label, "skipped": r.skipped_no_label,
+                "metrics": r.summary.metrics()});
+            println!("{v}");
+        }
         return Ok(());
     }
     let (Some(ann), Some(img_dir)) = (args.coco.clone(), args.images.clone()) else {
@@ -116,11 +126,21 @@ pub fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("results.json"));
     let pipe = src.test_pipeline();
+    let mut metrics = std::collections::BTreeMap::new();
     for (t, summary) in coco_test(
         &det, &pipe, &ann, &img_dir, args.limit, &out, &types, device,
     )? {
-        println!("Evaluate annotation type *{}*", t.name());
-        println!("{}", summary.format_pycocotools());
+        if args.json {
+            metrics.extend(summary.metrics(t.name()));
+        } else {
+            println!("Evaluate annotation type *{}*", t.name());
+            println!("{}", summary.format_pycocotools());
+        }
+    }
+    if args.json {
+        let v = serde_json::json!({"task": "det", "model": src.name(), "results": out,
+            "metrics": metrics});
+        println!("{v}");
     }
     Ok(())
 }

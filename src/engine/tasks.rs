@@ -509,16 +509,7 @@ impl TrainTask for DetTask {
             let ev = cnx_eval::coco::evaluate(&gt, &dets, t)?;
             let s = ev.summary;
             let n = t.name();
-            for (k, v) in [
-                ("mAP", s.ap),
-                ("mAP_50", s.ap50),
-                ("mAP_75", s.ap75),
-                ("mAP_s", s.ap_small),
-                ("mAP_m", s.ap_medium),
-                ("mAP_l", s.ap_large),
-            ] {
-                out.insert(format!("{n}_{k}"), v);
-            }
+            out.extend(s.metrics(n));
             std::fs::write(
                 out_dir.join(format!("{n}_summary.txt")),
                 s.format_pycocotools(),
@@ -830,13 +821,7 @@ impl TrainTask for SegTask {
         };
         let s = acc.summary(&names);
         std::fs::write(_out_dir.join("miou.txt"), s.format_table())?;
-        let mut out: BTreeMap<String, f64> = [
-            ("mIoU".to_string(), s.miou),
-            ("aAcc".to_string(), s.aacc),
-            ("mAcc".to_string(), s.macc),
-        ]
-        .into_iter()
-        .collect();
+        let mut out = s.metrics();
         if skipped > 0 {
             out.insert("skipped_images".into(), skipped as f64);
         }

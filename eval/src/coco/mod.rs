@@ -359,6 +359,23 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The names mmdet logs for one IoU type (`prefix` `bbox` / `segm`): `{prefix}_mAP`,
+    /// `_mAP_50`, `_mAP_75`, `_mAP_s`, `_mAP_m`, `_mAP_l` — the `metrics` schema of every cnx
+    /// command's JSON (train log, test, eval, demo, compare).
+    pub fn metrics(&self, prefix: &str) -> std::collections::BTreeMap<String, f64> {
+        [
+            ("mAP", self.ap),
+            ("mAP_50", self.ap50),
+            ("mAP_75", self.ap75),
+            ("mAP_s", self.ap_small),
+            ("mAP_m", self.ap_medium),
+            ("mAP_l", self.ap_large),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{prefix}_{k}"), v))
+        .collect()
+    }
+
     /// In pycocotools' `stats` order.
     pub fn to_array(&self) -> [f64; 12] {
         [
