@@ -10,6 +10,11 @@ pub trait DenseModel: std::fmt::Debug {
     fn forward_dummy(&self, images: &Tensor) -> Tensor;
     /// Classes the model predicts (object classes without background; segmentation classes).
     fn num_classes(&self) -> i64;
+    /// The whole test-time inference of one normalised (1,3,H,W) image at its test scale, with
+    /// post-processing (detectors: proposals, NMS, box decoding, mask pasting at H x W;
+    /// segmentors: the configured whole / slide inference and the per-pixel argmax); returns a
+    /// small tensor that depends on every output (what `cnx compare --fps` times).
+    fn infer(&self, image: &Tensor) -> Tensor;
 }
 
 impl DenseModel for crate::two_stage::TwoStageDetector {
@@ -19,6 +24,22 @@ impl DenseModel for crate::two_stage::TwoStageDetector {
     fn num_classes(&self) -> i64 {
         crate::two_stage::TwoStageDetector::num_classes(self)
     }
+    fn infer(&self, image: &Tensor) -> Tensor {
+        let s = image.size();
+        let hw = (s[2], s[3]);
+        let meta = crate::detector::ImgMeta {
+            img_shape: hw,
+            pad_shape: crate::detector::pad_shape(hw, 32),
+            ori_shape: hw,
+            scale_factor: (1.0, 1.0),
+        };
+        let d = self.predict(image, std::slice::from_ref(&meta));
+        let mut out = d[0].scores.sum(tch::Kind::Float);
+        if let Some(m) = &d[0].masks {
+            out += m.sum(tch::Kind::Float);
+        }
+        out
+    }
 }
 
 impl DenseModel for crate::segmentor::Segmentor {
@@ -27,5 +48,11 @@ impl DenseModel for crate::segmentor::Segmentor {
     }
     fn num_classes(&self) -> i64 {
         self.cfg.num_classes
+    }
+    fn infer(&self, image: &Tensor) -> Tensor {
+        let s = image.size();
+        self.inference_logits(image, self.cfg.test.mode, [s[2], s[3]])
+            .argmax(1, false)
+            .sum(tch::Kind::Int64)
     }
 }
