@@ -67,8 +67,8 @@ pub struct Args {
 }
 
 enum Model {
-    Det(TwoStageDetector),
-    Seg(Segmentor),
+    Det(Box<TwoStageDetector>),
+    Seg(Box<Segmentor>),
 }
 
 /// Synthetic inputs of one iteration (the same every iteration).
@@ -238,11 +238,11 @@ pub fn run(args: Args) -> Result<()> {
 
     let vs = VarStore::new(device);
     let model = match cfg.model.arch {
-        Arch::Upernet => Model::Seg(
+        Arch::Upernet => Model::Seg(Box::new(
             Segmentor::new(&vs.root(), &tasks::segmentor_config(&cfg)?)
                 .map_err(|e| anyhow!("{}: {e}", cfg.name))?,
-        ),
-        _ => Model::Det(tasks::build_detector(&vs.root(), &cfg)?),
+        )),
+        _ => Model::Det(Box::new(tasks::build_detector(&vs.root(), &cfg)?)),
     };
     let img_shape = args.input.unwrap_or_else(|| default_input(&cfg));
     let n = args.batch;
@@ -373,7 +373,7 @@ pub fn run(args: Args) -> Result<()> {
     let total_iters = args.warmup + args.iters;
     let every = (total_iters / 5).max(1);
     let progress = |i: usize, t: &Times| {
-        if i % every == 0 || i + 1 == total_iters {
+        if i.is_multiple_of(every) || i + 1 == total_iters {
             let what = if i < args.warmup { "warm-up" } else { "iter" };
             let (k, of) = if i < args.warmup {
                 (i + 1, args.warmup)
