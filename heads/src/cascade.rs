@@ -5,14 +5,14 @@
 //! `FCNMaskHead` per stage. Variable names follow mmdetection (`roi_head.bbox_head.{i}.`,
 //! `roi_head.mask_head.{i}.`) so its Cascade checkpoints load unchanged.
 
-use crate::assigner::{MaxIoUAssigner, RandomSampler, SamplingResult};
+use crate::assigner::{MaxIoUAssigner, RandomSampler};
 use crate::bbox_head::{self, BoxHead, RcnnTestCfg};
 use crate::boxes::bbox2roi;
 use crate::coder::DeltaXYWHCoder;
 use crate::detector::{BackboneCfg, Detections, DetectorConfig, GtInstances, ImgMeta};
 use crate::mask_head::FcnMaskHead;
 use crate::roi_head::{
-    assemble, box_detections, detection_masks, mask_loss, RoiExtractors, RoiHead,
+    assemble, assign_and_sample, box_detections, detection_masks, mask_loss, RoiExtractors, RoiHead,
 };
 use crate::rpn::ProposalCfg;
 use crate::two_stage::{DetectorSpec, TwoStageDetector};
@@ -357,17 +357,7 @@ impl RoiHead for CascadeRoiHead {
         let rf = self.extractors.levels(feats);
         let n_stages = self.config.stages.len();
         for (i, st) in self.config.stages.iter().enumerate() {
-            let samples: Vec<SamplingResult> = tch::no_grad(|| {
-                proposals
-                    .iter()
-                    .zip(gts)
-                    .zip(&gt_boxes)
-                    .map(|((p, g), gb)| {
-                        let a = st.assigner.assign(p, gb, &g.labels);
-                        st.sampler.sample(&a, p, gb, &g.labels)
-                    })
-                    .collect()
-            });
+            let samples = assign_and_sample(&st.assigner, &st.sampler, &proposals, gts, &gt_boxes);
             let rois = bbox_head::sampled_rois(&samples);
             let bf = self.extractors.bbox.forward(rf, &rois);
             let (cls, reg) = self.bbox_heads[i].forward(&bf, true);

@@ -3,7 +3,7 @@
 //! three-stage head of Cascade Mask R-CNN in [`crate::cascade`]. Both take the RPN's proposals
 //! and the FPN features; [`crate::two_stage::TwoStageDetector`] owns the rest.
 
-use crate::assigner::SamplingResult;
+use crate::assigner::{MaxIoUAssigner, RandomSampler, SamplingResult};
 use crate::bbox_head::{self, BoxDetections, BoxHead, Shared2FcBoxHead};
 use crate::boxes::bbox2roi;
 use crate::detector::{mask_targets, Detections, GtInstances, ImgMeta, RoiHeadCfg};
@@ -115,18 +115,8 @@ impl RoiHead for StandardRoiHead {
     ) -> BTreeMap<String, Tensor> {
         let r = &self.cfg;
         let gt_boxes: Vec<Tensor> = gts.iter().map(|g| g.boxes.to_kind(Kind::Float)).collect();
-        let samples: Vec<SamplingResult> = tch::no_grad(|| {
-            proposals
-                .iter()
-                .zip(gts)
-                .zip(&gt_boxes)
-                .map(|((p, g), gb)| {
-                    let b = p.slice(1, 0, 4, 1);
-                    let a = r.assigner.assign(&b, gb, &g.labels);
-                    r.sampler.sample(&a, &b, gb, &g.labels)
-                })
-                .collect()
-        });
+        let boxes: Vec<Tensor> = proposals.iter().map(|p| p.slice(1, 0, 4, 1)).collect();
+        let samples = assign_and_sample(&r.assigner, &r.sampler, &boxes, gts, &gt_boxes);
         let rf = self.extractors.levels(feats);
         let rois = bbox_head::sampled_rois(&samples);
         let bf = self.extractors.bbox.forward(rf, &rois);
@@ -190,6 +180,28 @@ impl RoiHead for StandardRoiHead {
     fn num_classes(&self) -> i64 {
         self.cfg.num_classes
     }
+}
+
+/// Max-IoU assignment of each image's proposal boxes (K,4) to its GT and the RoI sampling of
+/// one (stage's) RoI head, without gradients.
+pub fn assign_and_sample(
+    assigner: &MaxIoUAssigner,
+    sampler: &RandomSampler,
+    boxes: &[Tensor],
+    gts: &[GtInstances],
+    gt_boxes: &[Tensor],
+) -> Vec<SamplingResult> {
+    tch::no_grad(|| {
+        boxes
+            .iter()
+            .zip(gts)
+            .zip(gt_boxes)
+            .map(|((b, g), gb)| {
+                let a = assigner.assign(b, gb, &g.labels);
+                sampler.sample(&a, b, gb, &g.labels)
+            })
+            .collect()
+    })
 }
 
 /// Mask loss of one stage: 28x28 targets cropped from the GT masks at the positives, BCE on

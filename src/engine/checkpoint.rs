@@ -649,15 +649,7 @@ mod tests {
             .env(FSIZE_CHILD, &dir)
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && text.contains("1 passed"),
-            "child failed:\n{text}"
-        );
+        super::super::tiny::assert_child_passed(&out, "file_size_limit_child");
         // A following resume (this process has no limit) works and the next save succeeds.
         assert_at_previous(&dir, &[]);
         let big = vec![(

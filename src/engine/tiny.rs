@@ -166,6 +166,11 @@ fn in_child(name: &str) {
         .env(CHILD, "1")
         .output()
         .unwrap();
+    assert_child_passed(&out, name);
+}
+
+/// A child test process (one `--exact` test) exited well having run its test.
+pub(super) fn assert_child_passed(out: &std::process::Output, name: &str) {
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
