@@ -124,12 +124,9 @@ impl ModelSource {
         device: Device,
     ) -> Result<(VarStore, TwoStageDetector)> {
         let mut vs = VarStore::new(device);
-        let det = match (&self.config, self.name()) {
-            (Some(c), _) => tasks::build_detector(&vs.root(), c)?,
-            (None, p) if p.starts_with("cascade_") => {
-                TwoStageDetector::new(&vs.root(), &CascadeConfig::preset(p)?)
-            }
-            (None, p) => TwoStageDetector::new(&vs.root(), &DetectorConfig::preset(p)?),
+        let det = match &self.config {
+            Some(c) => tasks::build_detector(&vs.root(), c)?,
+            None => preset_detector(&vs.root(), self.name())?,
         };
         let backbone = det.config.backbone.dense()?;
         let report = cnx_heads::weights::load_checkpoint_for(
@@ -142,6 +139,16 @@ impl ModelSource {
         eprintln!("{}: {}", self.weights.display(), report.summary());
         Ok((vs, det))
     }
+}
+
+/// The detector a paper preset names (Mask R-CNN or Cascade Mask R-CNN), built from the heads
+/// crate's preset configs with fresh weights (what test / predict / compare load files into).
+pub fn preset_detector(root: &tch::nn::Path, preset: &str) -> Result<TwoStageDetector> {
+    Ok(if preset.starts_with("cascade_") {
+        TwoStageDetector::new(root, &CascadeConfig::preset(preset)?)
+    } else {
+        TwoStageDetector::new(root, &DetectorConfig::preset(preset)?)
+    })
 }
 
 #[cfg(test)]
@@ -179,21 +186,7 @@ mod tests {
                 drop(cnx_heads::segmentor::Segmentor::new_uninit(&by_name.root(), &a).unwrap());
                 drop(cnx_heads::segmentor::Segmentor::new_uninit(&by_config.root(), &b).unwrap());
             } else {
-                let src = ModelSource {
-                    weights: PathBuf::new(),
-                    config: None,
-                    preset: Some(p.name.to_string()),
-                    classes: vec![],
-                    category_ids: vec![],
-                };
-                let a = match src.name() {
-                    n if n.starts_with("cascade_") => {
-                        TwoStageDetector::new(&by_name.root(), &CascadeConfig::preset(n).unwrap())
-                    }
-                    n => {
-                        TwoStageDetector::new(&by_name.root(), &DetectorConfig::preset(n).unwrap())
-                    }
-                };
+                let a = preset_detector(&by_name.root(), p.name).unwrap();
                 let b = tasks::build_detector(&by_config.root(), &cfg).unwrap();
                 assert_eq!(a.num_classes(), b.num_classes(), "{}", p.name);
             }

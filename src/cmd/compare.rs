@@ -17,9 +17,8 @@ use clap::ValueEnum;
 use cnx_backbone::config as bbcfg;
 use cnx_backbone::{flops, nn as cnn};
 use cnx_eval::coco::IouType;
-use cnx_heads::cascade::CascadeConfig;
 use cnx_heads::segmentor::{Segmentor, SegmentorConfig};
-use cnx_heads::{DenseModel, DetectorConfig, TwoStageDetector};
+use cnx_heads::DenseModel;
 use plotters::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -271,14 +270,10 @@ pub struct Built {
 pub fn build(spec: &RowSpec, device: Device) -> Result<Built> {
     let vs = VarStore::new(device);
     let model: Box<dyn DenseModel> = match spec.arch {
-        "mask_rcnn" => Box::new(TwoStageDetector::new(
+        "mask_rcnn" | "cascade_mask_rcnn" => Box::new(crate::model_source::preset_detector(
             &vs.root(),
-            &DetectorConfig::preset(&spec.name)?,
-        )),
-        "cascade_mask_rcnn" => Box::new(TwoStageDetector::new(
-            &vs.root(),
-            &CascadeConfig::preset(&spec.name)?,
-        )),
+            &spec.name,
+        )?),
         "upernet" => Box::new(Segmentor::new_uninit(
             &vs.root(),
             &SegmentorConfig::preset(&spec.name)?,

@@ -80,23 +80,9 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// Write safetensors to `path` (not atomically) and fsync it. Tensors are moved to the CPU and
-/// made contiguous first.
+/// Write safetensors to `path` (not atomically) and fsync it: [`write_weights`] without a card.
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let cpu: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            (
-                n.clone(),
-                t.detach().to_device(tch::Device::Cpu).contiguous(),
-            )
-        })
-        .collect();
-    Tensor::write_safetensors(&cpu, path).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", path.display()))?;
-    fail_point("tensors", path)
+    write_weights(path, tensors, &ModelCard::default())
 }
 
 /// Write `bytes` to `path` (not atomically) and fsync it.
@@ -187,7 +173,8 @@ impl ModelCard {
     }
 }
 
-/// Weights with the model card in the safetensors header (not atomically), fsynced.
+/// Weights with the model card in the safetensors header (not atomically), fsynced; tensors
+/// are moved to the CPU and made contiguous first.
 fn write_weights(path: &Path, tensors: &[(String, Tensor)], card: &ModelCard) -> Result<()> {
     let mut sd = cnx_backbone::checkpoint::StateDict::new();
     for (n, t) in tensors {
