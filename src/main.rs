@@ -1,14 +1,8 @@
-//! `cnx`: one native binary for dense prediction with ConvNeXt backbones.
-//!
-//! Each subcommand lives in its own module under `cmd/`; the training engine (configs, presets,
-//! optimizer groups, schedules, checkpoints) lives under `engine/`.
-
-mod cmd;
-mod device;
-mod engine;
-mod model_source;
+//! `cnx`: one native binary for dense prediction with ConvNeXt backbones. The command line only:
+//! every subcommand is a module of the `cnx` library (`cmd/`).
 
 use clap::{Parser, Subcommand};
+use cnx::cmd;
 
 #[derive(Parser)]
 #[command(name = "cnx", version, about = "Dense prediction with ConvNeXt backbones", long_about = None)]

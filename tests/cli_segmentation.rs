@@ -75,7 +75,7 @@ fn mmseg_checkpoint_through_convert_gives_mmseg_logits() {
     let stem = "ADE_val_00000003";
     let img = cnx_datasets::image_io::read_rgb(std::path::Path::new(&format!("{FIX}/{stem}.png")))
         .unwrap();
-    let y = seg.predict_image(&img, TestMode::Whole, false, Device::Cpu);
+    let y = cnx::adapters::predict_image(&seg, &img, TestMode::Whole, false, Device::Cpu);
     let g = ints(&json("config.json")["grid"]);
     let s = y.size();
     let grid = y

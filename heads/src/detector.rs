@@ -14,8 +14,9 @@ use cnx_backbone::convnext::ConvNeXtConfig;
 use cnx_backbone::dense::DenseBackbone;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tch::nn::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Backbone settings: a dense ConvNeXt from `depths` / `dims`, or, when `name` is set, one of
 /// the comparison backbones (`swin_tiny`, `resnet50`, `resnext101_32x4d`, ... see
@@ -223,17 +224,6 @@ pub struct ImgMeta {
     pub scale_factor: (f32, f32),
 }
 
-impl From<&cnx_datasets::ImageMeta> for ImgMeta {
-    fn from(m: &cnx_datasets::ImageMeta) -> Self {
-        Self {
-            img_shape: (m.img_shape.0 as i64, m.img_shape.1 as i64),
-            pad_shape: (m.pad_shape.0 as i64, m.pad_shape.1 as i64),
-            ori_shape: (m.ori_shape.0 as i64, m.ori_shape.1 as i64),
-            scale_factor: m.scale_factor,
-        }
-    }
-}
-
 /// `(h, w)` padded up to a multiple of `divisor` (the data pipeline's `Pad(size_divisor)`).
 pub fn pad_shape(hw: (i64, i64), divisor: i64) -> (i64, i64) {
     let up = |x: i64| (x + divisor - 1) / divisor * divisor;
@@ -259,19 +249,18 @@ pub struct GtInstances {
     pub boxes: Tensor,
     /// (G) int64, contiguous 0..K-1.
     pub labels: Tensor,
-    /// Compact masks for mask targets (canvas = the padded image).
-    pub masks: Option<cnx_datasets::Masks>,
+    /// The instances' masks for mask targets (canvas = the padded image); `None` trains no
+    /// mask branch signal (all-zero targets).
+    pub masks: Option<Arc<dyn InstanceMasks>>,
 }
 
-impl GtInstances {
-    pub fn from_targets(t: &cnx_datasets::DetTargets, device: Device) -> Self {
-        let g = t.labels.len() as i64;
-        Self {
-            boxes: Tensor::from_slice(&t.boxes).view([g, 4]).to_device(device),
-            labels: Tensor::from_slice(&t.labels).to_device(device),
-            masks: Some(t.masks.clone()),
-        }
-    }
+/// Ground-truth instance masks as the mask head's targets need them: mmdet's
+/// `BitmapMasks.crop_and_resize` (each positive's GT mask cropped to its proposal box and
+/// resized to `out` x `out`, binarised). The data side implements it for its own mask storage,
+/// so the heads do not depend on a dataset crate.
+pub trait InstanceMasks: Send + Sync + std::fmt::Debug {
+    /// `out*out` bytes (0/1) per `(box, gt index)` pair, row-major, concatenated.
+    fn crop_and_resize(&self, boxes: &[[f32; 4]], gt_inds: &[usize], out: usize) -> Vec<u8>;
 }
 
 /// Named losses (mmdet keys) plus `acc`; `total()` sums the `loss*` entries.
@@ -316,15 +305,8 @@ pub struct Detections {
 /// [`DetectorConfig`]).
 pub type Detector = crate::two_stage::TwoStageDetector;
 
-/// Image tensor (N,3,H,W) and metas of a `cnx_datasets` batch.
-pub fn batch_inputs(batch: &cnx_datasets::DetBatch, device: Device) -> (Tensor, Vec<ImgMeta>) {
-    let s = batch.shape.map(|v| v as i64);
-    let images = Tensor::from_slice(&batch.images).view(s).to_device(device);
-    (images, batch.metas.iter().map(ImgMeta::from).collect())
-}
-
-/// 28x28 (or `out`) binary mask targets of one image's positives via the dataset's
-/// `crop_and_resize` (mmdet `mask_target_single`).
+/// 28x28 (or `out`) binary mask targets of one image's positives via the ground truth's
+/// [`InstanceMasks::crop_and_resize`] (mmdet `mask_target_single`).
 pub fn mask_targets(
     pos_boxes: &Tensor,
     pos_gt_inds: &Tensor,

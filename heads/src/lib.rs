@@ -5,8 +5,11 @@
 //! [`roi_align`], [`roi_extractor`], [`fpn`], [`assigner`] (max-IoU assigner, random sampler),
 //! [`rpn`], [`bbox_head`] (`BoxHead` trait, Shared2FC head, post-processing), [`mask_head`],
 //! [`roi_head`] (the `RoiHead` trait and Mask R-CNN's standard head; [`cascade`] has Cascade's),
-//! assembled by [`two_stage`] from the serde configs of [`detector`] / [`cascade`]. [`results`]
-//! turns detections into COCO JSON.
+//! assembled by [`two_stage`] from the serde configs of [`detector`] / [`cascade`].
+//!
+//! The crate depends on `cnx-backbone` only: it takes tensors and its own small structures
+//! (`ImgMeta`, `GtInstances`, `Detections`); turning dataset batches into them, and COCO result
+//! records, belong to the application (`cnx::adapters`, `cnx::results`).
 
 pub mod anchors;
 pub mod assigner;
@@ -21,7 +24,6 @@ pub mod init;
 pub mod mask_head;
 pub mod model;
 pub mod nms;
-pub mod results;
 pub mod roi_align;
 pub mod roi_extractor;
 pub mod roi_head;

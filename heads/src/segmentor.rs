@@ -7,7 +7,6 @@ use crate::upernet::{resize_bilinear, seg_accuracy, seg_cross_entropy, FcnHead, 
 use cnx_backbone::config::BackboneConfig;
 use cnx_backbone::convnext::{ConvNeXt, ConvNeXtConfig};
 use cnx_backbone::dense::DenseBackbone;
-use cnx_datasets::image_io::{self, Image8};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tch::{nn, Kind, Tensor};
@@ -561,32 +560,23 @@ impl Segmentor {
     }
 }
 
-/// An RGB [`Image8`] as an H,W,3 uint8 tensor.
-pub fn image_tensor(img: &Image8) -> Tensor {
-    Tensor::from_slice(&img.data).view([img.h as i64, img.w as i64, img.c as i64])
-}
-
 impl Segmentor {
-    /// The whole test pipeline on one RGB image of any size, as mmseg's test pipeline and
-    /// `simple_test` / `aug_test` run it: keep-ratio resize (cv2-exact bilinear) to
-    /// `test.img_scale` (or, with `aug`, to every `aug_ratios` scale, each also flipped when
-    /// `aug_flip`), normalise, infer, rescale to the original size. Returns 1,C,H,W scores at the
-    /// original size: logits in `mode` for single-scale, mean softmax probabilities for `aug`
-    /// (both give the prediction by argmax over C).
-    pub fn predict_image(
+    /// The whole test pipeline on one image of original size `ori` (h, w), as mmseg's test
+    /// pipeline and `simple_test` / `aug_test` run it: `resize(scale)` gives the image
+    /// keep-ratio resized to a (long, short) `scale` as an H,W,3 uint8 tensor (the data side's
+    /// cv2-exact bilinear), called for `test.img_scale` (or, with `aug`, for every `aug_ratios`
+    /// scale, each also flipped when `aug_flip`); then normalise, infer, rescale to `ori`.
+    /// Returns 1,C,H,W scores at the original size: logits in `mode` for single-scale, mean
+    /// softmax probabilities for `aug` (both give the prediction by argmax over C).
+    pub fn predict_resized(
         &self,
-        img: &Image8,
+        ori: [i64; 2],
+        resize: &dyn Fn([i64; 2]) -> Tensor,
         mode: TestMode,
         aug: bool,
         device: tch::Device,
     ) -> Tensor {
-        let ori = [img.h as i64, img.w as i64];
-        let scaled = |scale: [i64; 2]| {
-            let ((nw, nh), _) =
-                image_io::rescale_size(img.w, img.h, (scale[0] as usize, scale[1] as usize));
-            let r = image_io::resize_bilinear(img, nw, nh);
-            self.normalize(&image_tensor(&r), device)
-        };
+        let scaled = |scale: [i64; 2]| self.normalize(&resize(scale), device);
         if aug {
             let xs: Vec<Tensor> = self.aug_scales().into_iter().map(scaled).collect();
             self.aug_test_scores(&xs, ori)

@@ -107,23 +107,6 @@ impl TwoStageDetector {
         Losses(m)
     }
 
-    /// [`TwoStageDetector::forward_train`] on a `cnx_datasets` batch (moved to `device`).
-    pub fn forward_train_batch(&self, batch: &cnx_datasets::DetBatch, device: Device) -> Losses {
-        let (images, metas) = crate::detector::batch_inputs(batch, device);
-        let gts: Vec<GtInstances> = batch
-            .targets
-            .iter()
-            .map(|t| GtInstances::from_targets(t, device))
-            .collect();
-        self.forward_train(&images, &metas, &gts)
-    }
-
-    /// [`TwoStageDetector::predict`] on a `cnx_datasets` batch.
-    pub fn predict_batch(&self, batch: &cnx_datasets::DetBatch, device: Device) -> Vec<Detections> {
-        let (images, metas) = crate::detector::batch_inputs(batch, device);
-        self.predict(&images, &metas)
-    }
-
     /// Inference on a padded batch; detections rescaled to each image's original size.
     pub fn predict(&self, images: &Tensor, metas: &[ImgMeta]) -> Vec<Detections> {
         tch::no_grad(|| {

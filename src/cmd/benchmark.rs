@@ -154,11 +154,11 @@ fn synthetic_gt(
             .view([n as i64, 4])
             .to_device(device),
         labels: Tensor::from_slice(&labels).to_device(device),
-        masks: Some(Masks {
+        masks: Some(crate::adapters::instance_masks(Masks {
             width: pad.1 as usize,
             height: pad.0 as usize,
             masks,
-        }),
+        })),
     }
 }
 

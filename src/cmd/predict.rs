@@ -7,12 +7,12 @@
 use crate::engine::amp;
 use crate::engine::config::Amp;
 use crate::model_source::ModelSource;
+use crate::results::{to_coco, CocoResult};
 use anyhow::{bail, Context, Result};
 use cnx_datasets::draw;
 use cnx_datasets::image_io;
 use cnx_datasets::pipeline::{normalize_into, pad_up, TestPipeline};
 use cnx_heads::coco_classes::{COCO_CAT_IDS, COCO_CLASSES};
-use cnx_heads::results::{to_coco, CocoResult};
 use cnx_heads::{Detector, DetectorConfig, ImgMeta};
 use std::path::PathBuf;
 use tch::nn::VarStore;

@@ -213,7 +213,7 @@ pub fn predict_with(o: &PredictOpts) -> Result<PredictOutcome> {
             }
         };
         let t = std::time::Instant::now();
-        let scores = seg.predict_image(&img, mode, o.aug_test, o.device);
+        let scores = crate::adapters::predict_image(&seg, &img, mode, o.aug_test, o.device);
         let pred = argmax_u8(&scores);
         let label = input.output(&o.out_dir, ".png")?;
         write_label_png(&label, &pred, img.w, img.h)?;
@@ -339,7 +339,7 @@ pub fn test_with(o: &TestOpts) -> Result<TestOutcome> {
                 v - 1
             );
         }
-        let scores = seg.predict_image(&img, mode, o.aug_test, o.device);
+        let scores = crate::adapters::predict_image(&seg, &img, mode, o.aug_test, o.device);
         let pred = argmax_u8(&scores);
         acc.add_named(&pred, &label.data, &ip.display().to_string())?;
         if let Some(d) = &o.out_dir {

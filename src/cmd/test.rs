@@ -7,12 +7,12 @@
 //! through `cmd::seg`.
 
 use crate::model_source::ModelSource;
+use crate::results::{to_coco, CocoResult};
 use anyhow::{bail, Context, Result};
 use cnx_datasets::loader::collate_det;
 use cnx_datasets::pipeline::TestPipeline;
 use cnx_datasets::CocoDataset;
 use cnx_eval::coco::{evaluate, parse_results, CocoGt, IouType, Summary};
-use cnx_heads::results::{to_coco, CocoResult};
 use cnx_heads::TwoStageDetector;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -193,7 +193,7 @@ pub fn coco_test(
         let image_id = sample.meta.image_id;
         let file_name = sample.meta.file_name.clone();
         let batch = collate_det(vec![sample], pipe.size_divisor, 0, i);
-        let dets = det.predict_batch(&batch, device);
+        let dets = crate::adapters::predict_batch(det, &batch, device);
         results.extend(to_coco(&dets[0], image_id, Some(&file_name), &|l| {
             ds.label_to_cat(l as usize)
         }));

@@ -468,7 +468,7 @@ impl TrainTask for DetTask {
         } else {
             (batch.epoch as u64, batch.iter as u64 + 1)
         };
-        let losses = self.model.forward_train_batch(&batch, self.device);
+        let losses = crate::adapters::forward_train_batch(&self.model, &batch, self.device);
         Ok(losses.0.into_iter().filter_map(loss_term).collect())
     }
     fn evaluate(&mut self, out_dir: &Path) -> Result<BTreeMap<String, f64>> {
@@ -488,9 +488,9 @@ impl TrainTask for DetTask {
         batches.skip_broken = true;
         for b in batches.by_ref() {
             let b = b?;
-            let dets = self.model.predict_batch(&b, self.device);
+            let dets = crate::adapters::predict_batch(&self.model, &b, self.device);
             for (d, m) in dets.iter().zip(&b.metas) {
-                results.extend(cnx_heads::results::to_coco(d, m.image_id, None, &|l| {
+                results.extend(crate::results::to_coco(d, m.image_id, None, &|l| {
                     val.label_to_cat(l as usize)
                 }));
             }
@@ -540,7 +540,8 @@ impl DemoTask for DetTask {
         let val = self.val.clone();
         for b in self.val_batches() {
             let b = b?;
-            let dets = tch::no_grad(|| self.model.predict_batch(&b, self.device));
+            let dets =
+                tch::no_grad(|| crate::adapters::predict_batch(&self.model, &b, self.device));
             for (d, m) in dets.iter().zip(&b.metas) {
                 if files.len() >= n {
                     return Ok(files);

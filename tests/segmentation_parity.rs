@@ -8,7 +8,10 @@ use cnx_heads::segmentor::{Segmentor, SegmentorConfig, TestMode};
 use std::collections::HashMap;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/segmentation");
+const FIX: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/heads/tests/fixtures/segmentation"
+);
 
 fn json(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(format!("{FIX}/{name}")).unwrap()).unwrap()
@@ -112,7 +115,7 @@ fn check(mode: &str) {
             "slide" => (TestMode::Slide, false),
             _ => (TestMode::Whole, true),
         };
-        let out = seg.predict_image(&img, m, aug, Device::Cpu);
+        let out = cnx::adapters::predict_image(&seg, &img, m, aug, Device::Cpu);
         assert_eq!(out.size(), vec![1, seg.cfg.num_classes, ori[0], ori[1]]);
         let err = max_abs(&grid(&out), &outputs[&format!("{stem}/{mode}/grid")]);
         let npix = (ori[0] * ori[1]) as f64;

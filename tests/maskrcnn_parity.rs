@@ -10,7 +10,10 @@ use std::collections::HashMap;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/detection");
+const DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/heads/tests/fixtures/detection"
+);
 
 pub fn small_config() -> DetectorConfig {
     let mut c = DetectorConfig::mask_rcnn_convnext("tiny").unwrap();

@@ -1,8 +1,8 @@
 //! Detections → COCO results entries (`bbox` as x,y,w,h in original pixels, original category
 //! ids, compressed-RLE `segmentation` via `cnx_eval::mask`), plus the image's `file_name`.
 
-use crate::detector::Detections;
 use cnx_eval::Rle;
+use cnx_heads::detector::Detections;
 use serde::{Deserialize, Serialize};
 
 /// Compressed RLE in COCO JSON form.
@@ -32,9 +32,9 @@ pub fn to_coco(
     file_name: Option<&str>,
     label_to_cat: &dyn Fn(i64) -> i64,
 ) -> Vec<CocoResult> {
-    let b = crate::boxes::to_vec_f32(&det.boxes);
-    let s = crate::boxes::to_vec_f32(&det.scores);
-    let l = crate::boxes::to_vec_i64(&det.labels);
+    let b = cnx_heads::boxes::to_vec_f32(&det.boxes);
+    let s = cnx_heads::boxes::to_vec_f32(&det.scores);
+    let l = cnx_heads::boxes::to_vec_i64(&det.labels);
     let masks = det.masks.as_ref().map(|m| {
         let sz = m.size();
         let (h, w) = (sz[1] as usize, sz[2] as usize);
@@ -72,4 +72,43 @@ pub fn to_coco(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Kind, Tensor};
+
+    #[test]
+    fn boxes_become_xywh_with_dataset_ids_and_masks_round_trip_through_rle() {
+        // Two detections on a 4x5 image; the second mask is an L shape.
+        let m = Tensor::zeros([2, 4, 5], (Kind::Bool, tch::Device::Cpu));
+        let _ = m.get(0).get(1).fill_(1);
+        let _ = m.get(1).narrow(1, 0, 1).fill_(1);
+        let _ = m.get(1).get(3).fill_(1);
+        let det = Detections {
+            boxes: Tensor::from_slice(&[1f32, 2., 4., 3., 0., 0., 5., 4.]).view([2, 4]),
+            scores: Tensor::from_slice(&[0.9f32, 0.25]),
+            labels: Tensor::from_slice(&[2i64, 0]),
+            masks: Some(m.shallow_clone()),
+        };
+        let res = to_coco(&det, 42, Some("a.jpg"), &|l| [1, 5, 9][l as usize]);
+        assert_eq!(res.len(), 2);
+        assert_eq!(res[0].category_id, 9);
+        assert_eq!(res[1].category_id, 1);
+        assert_eq!(res[0].bbox, [1.0, 2.0, 3.0, 1.0]);
+        assert_eq!(res[1].bbox, [0.0, 0.0, 5.0, 4.0]);
+        assert!((res[0].score - 0.9).abs() < 1e-6 && res[0].image_id == 42);
+        assert_eq!(res[1].file_name.as_deref(), Some("a.jpg"));
+        for (i, r) in res.iter().enumerate() {
+            let seg = r.segmentation.as_ref().unwrap();
+            assert_eq!(seg.size, [4, 5]);
+            // Decoded column-major RLE equals the mask.
+            let rle = Rle::from_compressed_string(&seg.counts, 4, 5).unwrap();
+            let want =
+                Vec::<u8>::try_from(m.get(i as i64).to_kind(Kind::Uint8).contiguous().view([-1]))
+                    .unwrap();
+            assert_eq!(rle.decode_row_major().unwrap(), want, "detection {i}");
+        }
+    }
 }

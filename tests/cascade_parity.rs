@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cascade");
+const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/heads/tests/fixtures/cascade");
 
 fn small_config() -> CascadeConfig {
     let mut c = CascadeConfig::cascade_mask_rcnn_convnext("tiny").unwrap();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tch::nn::{OptimizerConfig, VarStore};
 use tch::Device;
 
-const COCO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/coco-tiny");
+const COCO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/coco-tiny");
 
 fn small_config() -> DetectorConfig {
     let mut c = DetectorConfig::mask_rcnn_convnext("tiny").unwrap();
@@ -50,7 +50,7 @@ fn losses_are_finite_and_decrease() {
     for step in 0..4 {
         tch::manual_seed(1); // same samples of anchors / RoIs every step
         let t0 = std::time::Instant::now();
-        let losses = det.forward_train_batch(&batch, Device::Cpu);
+        let losses = cnx::adapters::forward_train_batch(&det, &batch, Device::Cpu);
         let v = losses.values();
         for k in [
             "loss_rpn_cls",

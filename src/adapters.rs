@@ -1,0 +1,95 @@
+//! The data side's adapters to the heads: dataset batches (`cnx-datasets`) become the heads'
+//! typed inputs (image tensor, `ImgMeta`, `GtInstances`), and one image goes through the
+//! segmentor's test-time preprocessing (cv2-exact keep-ratio resize). The heads crate depends on
+//! the backbone only, so every dataset-to-tensor step lives here, used by the engine's tasks and
+//! the commands alike.
+
+use cnx_datasets::image_io::{self, Image8};
+use cnx_datasets::{DetBatch, DetTargets, ImageMeta, Masks};
+use cnx_heads::detector::{Detections, GtInstances, ImgMeta, InstanceMasks, Losses};
+use cnx_heads::segmentor::{Segmentor, TestMode};
+use cnx_heads::two_stage::TwoStageDetector;
+use std::sync::Arc;
+use tch::{Device, Tensor};
+
+/// The heads' per-image meta of a pipeline's `ImageMeta`.
+pub fn img_meta(m: &ImageMeta) -> ImgMeta {
+    ImgMeta {
+        img_shape: (m.img_shape.0 as i64, m.img_shape.1 as i64),
+        pad_shape: (m.pad_shape.0 as i64, m.pad_shape.1 as i64),
+        ori_shape: (m.ori_shape.0 as i64, m.ori_shape.1 as i64),
+        scale_factor: m.scale_factor,
+    }
+}
+
+/// The dataset's compact instance masks as the mask head's target source.
+#[derive(Debug)]
+struct DatasetMasks(Masks);
+
+impl InstanceMasks for DatasetMasks {
+    fn crop_and_resize(&self, boxes: &[[f32; 4]], gt_inds: &[usize], out: usize) -> Vec<u8> {
+        self.0.crop_and_resize(boxes, gt_inds, out)
+    }
+}
+
+/// A dataset's masks as the heads' ground-truth mask source.
+pub fn instance_masks(masks: Masks) -> Arc<dyn InstanceMasks> {
+    Arc::new(DatasetMasks(masks))
+}
+
+/// One image's training targets on `device`.
+pub fn gt_instances(t: &DetTargets, device: Device) -> GtInstances {
+    let g = t.labels.len() as i64;
+    GtInstances {
+        boxes: Tensor::from_slice(&t.boxes).view([g, 4]).to_device(device),
+        labels: Tensor::from_slice(&t.labels).to_device(device),
+        masks: Some(instance_masks(t.masks.clone())),
+    }
+}
+
+/// Image tensor (N,3,H,W) on `device` and the heads' metas of a detection batch.
+pub fn batch_inputs(batch: &DetBatch, device: Device) -> (Tensor, Vec<ImgMeta>) {
+    let s = batch.shape.map(|v| v as i64);
+    let images = Tensor::from_slice(&batch.images).view(s).to_device(device);
+    (images, batch.metas.iter().map(img_meta).collect())
+}
+
+/// [`TwoStageDetector::forward_train`] on a detection batch (moved to `device`).
+pub fn forward_train_batch(det: &TwoStageDetector, batch: &DetBatch, device: Device) -> Losses {
+    let (images, metas) = batch_inputs(batch, device);
+    let gts: Vec<GtInstances> = batch
+        .targets
+        .iter()
+        .map(|t| gt_instances(t, device))
+        .collect();
+    det.forward_train(&images, &metas, &gts)
+}
+
+/// [`TwoStageDetector::predict`] on a detection batch.
+pub fn predict_batch(det: &TwoStageDetector, batch: &DetBatch, device: Device) -> Vec<Detections> {
+    let (images, metas) = batch_inputs(batch, device);
+    det.predict(&images, &metas)
+}
+
+/// An RGB [`Image8`] as an H,W,3 uint8 tensor.
+pub fn image_tensor(img: &Image8) -> Tensor {
+    Tensor::from_slice(&img.data).view([img.h as i64, img.w as i64, img.c as i64])
+}
+
+/// The segmentor's whole test pipeline on one RGB image of any size
+/// ([`Segmentor::predict_resized`] with mmcv's cv2-exact keep-ratio bilinear resize): 1,C,H,W
+/// scores at the original size.
+pub fn predict_image(
+    seg: &Segmentor,
+    img: &Image8,
+    mode: TestMode,
+    aug: bool,
+    device: Device,
+) -> Tensor {
+    let resize = |scale: [i64; 2]| {
+        let ((nw, nh), _) =
+            image_io::rescale_size(img.w, img.h, (scale[0] as usize, scale[1] as usize));
+        image_tensor(&image_io::resize_bilinear(img, nw, nh))
+    };
+    seg.predict_resized([img.h as i64, img.w as i64], &resize, mode, aug, device)
+}

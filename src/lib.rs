@@ -1,0 +1,16 @@
+//! The `cnx` application layer: what the commands and the training engine share.
+//!
+//! - `cmd/`: one module per subcommand (argument parsing and output).
+//! - `engine/`: training (configs, presets, optimizer groups, schedules, checkpoints, tasks).
+//! - `model_source`: a model from a preset, a config, a work dir or a checkpoint's own card.
+//! - `adapters`: dataset structures to the heads' typed inputs, and the one test-time
+//!   preprocessing of an image (the heads crate knows tensors, not datasets).
+//! - `results`: detections as COCO result records.
+//! - `device`: the one `--device` rule.
+
+pub mod adapters;
+pub mod cmd;
+pub mod device;
+pub mod engine;
+pub mod model_source;
+pub mod results;
