@@ -22,7 +22,31 @@ $(TORCH_STAMP):
 	  || $(PY) -m pip install --disable-pip-version-check -q torch==$(TORCH_VERSION)
 	@touch $@
 
-setup: $(TORCH_STAMP)
+# cnx-dist compiles against torch.distributed's ProcessGroupGloo, whose headers include Gloo's own,
+# which the wheel does not ship: Debian's libgloo-dev provides them (headers only are used).
+GLOO_HEADER := /usr/include/gloo/config.h
+
+$(GLOO_HEADER):
+	@if [ "$$(id -u)" = 0 ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q libgloo-dev || { apt-get update -q && apt-get install -y -q libgloo-dev; }; \
+	else \
+	  echo "Gloo headers ($@) are missing; install them with: sudo apt-get install -y -q libgloo-dev" >&2; \
+	  exit 1; \
+	fi
+
+# NCCL's header (in the nvidia-nccl wheel torch depends on) includes CUDA headers the runtime
+# wheels lack (crt/host_config.h, nv/target): for a CUDA build of torch, the matching header-only
+# wheels go into the venv so cnx-dist compiles its NCCL process group (used on GPU machines).
+CUDA_HDR_STAMP := $(VENV)/.cuda-headers
+$(CUDA_HDR_STAMP): $(TORCH_STAMP)
+	@cu=$$($(PY) -c "import torch; print(torch.version.cuda or '')"); \
+	if [ -n "$$cu" ]; then \
+	  $(PY) -m pip install --disable-pip-version-check -q "nvidia-cuda-crt==$$cu.*" "nvidia-cuda-cccl==$$cu.*"; \
+	fi
+	@touch $@
+
+setup: $(TORCH_STAMP) $(GLOO_HEADER) $(CUDA_HDR_STAMP)
 
 build: setup
 	$(CARGO) build --release

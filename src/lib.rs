@@ -5,12 +5,13 @@
 //! - `model_source`: a model from a preset, a config, a work dir or a checkpoint's own card.
 //! - `adapters`: dataset structures to the heads' typed inputs, and the one test-time
 //!   preprocessing of an image (the heads crate knows tensors, not datasets).
-//! - `results`: detections as COCO result records.
+//! - `results`: detections as COCO result records; `evaluation`: the one COCO evaluation loop.
 //! - `device`: the one `--device` rule.
 
 pub mod adapters;
 pub mod cmd;
 pub mod device;
 pub mod engine;
+pub mod evaluation;
 pub mod model_source;
 pub mod results;

@@ -9,6 +9,7 @@ pub mod convnext;
 pub mod dense;
 pub mod flops;
 pub mod nn;
+pub mod replica;
 pub mod resnet;
 pub mod roadmap;
 pub mod runtime;

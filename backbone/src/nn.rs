@@ -229,7 +229,9 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Tensor {
 }
 
 /// Stochastic depth: drop whole samples of a residual branch with probability `p` while
-/// training, scaling kept samples by 1/(1-p); identity in eval mode.
+/// training, scaling kept samples by 1/(1-p); identity in eval mode. Under
+/// [`crate::replica::with_batch_keys`] each sample's keep/drop comes from its own keyed stream
+/// (one call site per call), otherwise from libtorch's global generator.
 pub fn drop_path(xs: &Tensor, p: f64, train: bool) -> Tensor {
     if !train || p <= 0.0 {
         return xs.shallow_clone();
@@ -237,7 +239,9 @@ pub fn drop_path(xs: &Tensor, p: f64, train: bool) -> Tensor {
     let keep = 1.0 - p;
     let mut shape = vec![xs.size()[0]];
     shape.extend(std::iter::repeat_n(1, xs.dim() - 1));
-    let mask = Tensor::empty(shape.as_slice(), (xs.kind(), xs.device())).bernoulli_float_(keep);
+    let opts = (xs.kind(), xs.device());
+    let mask = crate::replica::keyed_keep_mask(&shape, keep, opts)
+        .unwrap_or_else(|| Tensor::empty(shape.as_slice(), opts).bernoulli_float_(keep));
     xs * mask / keep
 }
 

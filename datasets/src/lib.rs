@@ -15,6 +15,7 @@
 
 pub mod ade;
 pub mod check;
+pub mod classes;
 pub mod coco;
 pub mod draw;
 pub mod error;

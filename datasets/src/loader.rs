@@ -539,6 +539,8 @@ pub struct TestIter {
     pub skip_broken: bool,
     /// Images left out (with `skip_broken`), in dataset order.
     pub skipped: Vec<BrokenSample>,
+    /// Stop after the first `limit` images of the dataset (quick checks); `None` = all.
+    pub limit: Option<usize>,
 }
 
 impl TestIter {
@@ -551,6 +553,7 @@ impl TestIter {
             with_masks: false,
             skip_broken: false,
             skipped: Vec::new(),
+            limit: None,
         }
     }
 }
@@ -558,7 +561,7 @@ impl TestIter {
 impl Iterator for TestIter {
     type Item = Result<DetBatch>;
     fn next(&mut self) -> Option<Result<DetBatch>> {
-        let n = self.ds.images.len();
+        let n = self.ds.images.len().min(self.limit.unwrap_or(usize::MAX));
         loop {
             if self.pos >= n {
                 return None;

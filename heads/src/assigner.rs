@@ -2,6 +2,7 @@
 //! (fixed number of samples with a positive fraction, optionally adding the GT boxes as
 //! proposals). Shared by the RPN and every RoI stage (Cascade uses one per stage).
 
+use cnx_backbone::replica::KeyedStream;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -118,12 +119,18 @@ impl SamplingResult {
     }
 }
 
-fn random_choice(inds: &Tensor, k: i64) -> Tensor {
+/// `k` random entries of `inds` (all of them, in order, when there are at most `k`), as mmdet's
+/// `random_choice`: `randperm(n)[:k]` from the global generator, or without a full permutation
+/// from the image's keyed stream when one is given (data-parallel training with batch keys).
+fn random_choice(inds: &Tensor, k: i64, stream: Option<&mut KeyedStream>) -> Tensor {
     let n = inds.size()[0];
     if n <= k {
         return inds.shallow_clone();
     }
-    let perm = Tensor::randperm(n, (Kind::Int64, inds.device())).slice(0, 0, k, 1);
+    let perm = match stream {
+        Some(s) => Tensor::from_slice(&s.choose(n as usize, k as usize)).to_device(inds.device()),
+        None => Tensor::randperm(n, (Kind::Int64, inds.device())).slice(0, 0, k, 1),
+    };
     inds.index_select(0, &perm)
 }
 
@@ -144,13 +151,27 @@ impl RandomSampler {
     }
 
     /// Sample from an assignment of `boxes`; with `add_gt_as_proposals` the GT boxes are
-    /// prepended and assigned to themselves first.
+    /// prepended and assigned to themselves first. Draws from libtorch's global generator.
     pub fn sample(
         &self,
         assign: &AssignResult,
         boxes: &Tensor,
         gt: &Tensor,
         gt_labels: &Tensor,
+    ) -> SamplingResult {
+        self.sample_keyed(assign, boxes, gt, gt_labels, None)
+    }
+
+    /// [`RandomSampler::sample`] drawing from `stream` when given: the image's stream at the
+    /// caller's call site (see [`cnx_backbone::replica::Site::stream`]); positives are drawn
+    /// first, then negatives, from the same stream.
+    pub fn sample_keyed(
+        &self,
+        assign: &AssignResult,
+        boxes: &Tensor,
+        gt: &Tensor,
+        gt_labels: &Tensor,
+        mut stream: Option<&mut KeyedStream>,
     ) -> SamplingResult {
         let device = boxes.device();
         let (boxes, gt_inds) = if self.add_gt_as_proposals && gt.size()[0] > 0 {
@@ -165,10 +186,10 @@ impl RandomSampler {
         };
         let num_pos_exp = (self.num as f64 * self.pos_fraction) as i64;
         let pos = gt_inds.gt(0).nonzero().view([-1]);
-        let pos = random_choice(&pos, num_pos_exp);
+        let pos = random_choice(&pos, num_pos_exp, stream.as_deref_mut());
         let num_neg_exp = self.num - pos.size()[0];
         let neg = gt_inds.eq(0).nonzero().view([-1]);
-        let neg = random_choice(&neg, num_neg_exp);
+        let neg = random_choice(&neg, num_neg_exp, stream);
         let pos_gt_inds = gt_inds.index_select(0, &pos) - 1;
         let pos_labels = gt_labels.to_kind(Kind::Int64).index_select(0, &pos_gt_inds);
         SamplingResult {

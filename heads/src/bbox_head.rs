@@ -5,6 +5,7 @@
 use crate::assigner::SamplingResult;
 use crate::coder::DeltaXYWHCoder;
 use cnx_backbone::nn::Linear;
+use cnx_backbone::replica::MeanDivisor;
 use serde::{Deserialize, Serialize};
 use tch::nn::{Module, Path};
 use tch::{Kind, Tensor};
@@ -148,15 +149,22 @@ pub fn select_class_deltas(bbox_pred: &Tensor, labels: &Tensor, pos_idx: &Tensor
     p.gather(1, &l, false).squeeze_dim(1)
 }
 
+/// The normalizer of mmdet's `BBoxHead.loss` (both terms): the number of sampled RoIs of the
+/// batch, at least 1 — over all ranks under data parallelism ([`MeanDivisor`]).
+pub fn roi_divisor(cls: &Tensor) -> MeanDivisor {
+    MeanDivisor::new(cls.size()[0] as f64, 1.0, cls.device())
+}
+
 /// The classification half of mmdet's `BBoxHead.loss`: cross-entropy averaged over all sampled
-/// RoIs, and the accuracy (percent, detached) — shared by every box head's loss.
-pub fn cls_loss_and_acc(cls: &Tensor, t: &BoxTargets) -> (Tensor, Tensor) {
-    let n = cls.size()[0].max(1) as f64;
+/// RoIs (`n` from [`roi_divisor`]), and the accuracy (percent, detached, of this batch) —
+/// shared by every box head's loss.
+pub fn cls_loss_and_acc(cls: &Tensor, t: &BoxTargets, n: &MeanDivisor) -> (Tensor, Tensor) {
     let logp = cls.log_softmax(-1, Kind::Float);
-    let loss_cls = -logp
-        .gather(1, &t.labels.view([-1, 1]), false)
-        .sum(Kind::Float)
-        / n;
+    let loss_cls = n.divide(
+        &-logp
+            .gather(1, &t.labels.view([-1, 1]), false)
+            .sum(Kind::Float),
+    );
     let acc = cls
         .argmax(-1, false)
         .eq_tensor(&t.labels)
@@ -169,15 +177,16 @@ pub fn cls_loss_and_acc(cls: &Tensor, t: &BoxTargets) -> (Tensor, Tensor) {
 /// mmdet's loss of `BBoxHead` with L1 on deltas: `(loss_cls, loss_bbox, acc)`. The box loss is
 /// summed over positives and divided by the number of all sampled RoIs, as mmdet 2.x does.
 pub fn box_loss_l1(cls: &Tensor, bbox_pred: &Tensor, t: &BoxTargets) -> (Tensor, Tensor, Tensor) {
-    let n = cls.size()[0].max(1) as f64;
-    let (loss_cls, acc) = cls_loss_and_acc(cls, t);
+    let n = roi_divisor(cls);
+    let (loss_cls, acc) = cls_loss_and_acc(cls, t, &n);
     let pos_idx = t.pos_mask.nonzero().view([-1]);
     let loss_bbox = if pos_idx.size()[0] > 0 {
         let p = select_class_deltas(bbox_pred, &t.labels, &pos_idx);
-        (p - t.bbox_targets.index_select(0, &pos_idx))
-            .abs()
-            .sum(Kind::Float)
-            / n
+        n.divide(
+            &(p - t.bbox_targets.index_select(0, &pos_idx))
+                .abs()
+                .sum(Kind::Float),
+        )
     } else {
         bbox_pred.sum(Kind::Float) * 0.0
     };

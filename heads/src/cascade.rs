@@ -9,6 +9,7 @@ use crate::assigner::{MaxIoUAssigner, RandomSampler};
 use crate::bbox_head::{self, BoxHead, RcnnTestCfg};
 use crate::boxes::bbox2roi;
 use crate::coder::DeltaXYWHCoder;
+use crate::conv_module::ConvModule;
 use crate::detector::{BackboneCfg, Detections, DetectorConfig, GtInstances, ImgMeta};
 use crate::mask_head::FcnMaskHead;
 use crate::roi_head::{
@@ -16,7 +17,6 @@ use crate::roi_head::{
 };
 use crate::rpn::ProposalCfg;
 use crate::two_stage::{DetectorSpec, TwoStageDetector};
-use crate::upernet::ConvModule;
 use crate::HeadsError;
 use cnx_backbone::nn::Linear;
 use serde::{Deserialize, Serialize};
@@ -321,15 +321,15 @@ impl CascadeRoiHead {
         t: &bbox_head::BoxTargets,
         coder: &DeltaXYWHCoder,
     ) -> (Tensor, Tensor, Tensor) {
-        let n = cls.size()[0].max(1) as f64;
-        let (loss_cls, acc) = bbox_head::cls_loss_and_acc(cls, t);
+        let n = bbox_head::roi_divisor(cls);
+        let (loss_cls, acc) = bbox_head::cls_loss_and_acc(cls, t, &n);
         let pos_idx = t.pos_mask.nonzero().view([-1]);
         let loss_bbox = if pos_idx.size()[0] > 0 {
             let d = bbox_head::select_class_deltas(reg, &t.labels, &pos_idx).to_kind(Kind::Float);
             let pr = rois.index_select(0, &pos_idx).slice(1, 1, 5, 1);
             let pred = coder.decode(&pr, &d, None);
             let g = crate::boxes::aligned_giou(&pred, &t.bbox_targets.index_select(0, &pos_idx));
-            (g.neg() + 1.0).sum(Kind::Float) / n * self.config.giou_weight
+            n.divide(&(g.neg() + 1.0).sum(Kind::Float)) * self.config.giou_weight
         } else {
             reg.sum(Kind::Float) * 0.0
         };

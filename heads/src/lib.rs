@@ -16,8 +16,8 @@ pub mod assigner;
 pub mod bbox_head;
 pub mod boxes;
 pub mod cascade;
-pub mod coco_classes;
 pub mod coder;
+pub mod conv_module;
 pub mod detector;
 pub mod fpn;
 pub mod init;
@@ -33,7 +33,6 @@ pub mod weights;
 // UperNet semantic segmentation (owned by the segmentation work): heads and the segmentor.
 pub mod segmentor;
 pub mod upernet;
-pub mod upernet_palette;
 
 pub use detector::{Detections, Detector, DetectorConfig, GtInstances, ImgMeta, Losses};
 pub use model::DenseModel;

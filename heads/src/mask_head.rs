@@ -4,6 +4,7 @@
 //! one box at a time on CPU, threshold 0.5).
 
 use cnx_backbone::nn::{Conv2d, ConvOpts, ConvTranspose2d};
+use cnx_backbone::replica::{self, MeanDivisor};
 use tch::nn::{Module, Path};
 use tch::{Kind, Reduction, Tensor};
 
@@ -71,21 +72,37 @@ impl FcnMaskHead {
     }
 }
 
-/// Mask loss: mean BCE-with-logits over the positives' GT-class channels.
+/// Mask loss: mean BCE-with-logits over the positives' GT-class channels (every pixel of every
+/// positive RoI of the batch; 0 without positives). Under data parallelism the mean is over
+/// the positives of all ranks ([`replica::MeanDivisor`]).
 pub fn mask_loss(logits: &Tensor, targets: &Tensor, labels: &Tensor) -> Tensor {
     let n = logits.size()[0];
-    if n == 0 {
-        return logits.sum(Kind::Float) * 0.0;
-    }
     let s = logits.size();
-    let idx = labels.view([-1, 1, 1, 1]).expand([n, 1, s[2], s[3]], false);
-    let pred = logits.gather(1, &idx, false).squeeze_dim(1);
-    pred.binary_cross_entropy_with_logits::<Tensor>(
-        &targets.to_kind(pred.kind()),
-        None,
-        None,
-        Reduction::Mean,
-    )
+    let bce = |reduction| {
+        let idx = labels.view([-1, 1, 1, 1]).expand([n, 1, s[2], s[3]], false);
+        let pred = logits.gather(1, &idx, false).squeeze_dim(1);
+        pred.binary_cross_entropy_with_logits::<Tensor>(
+            &targets.to_kind(pred.kind()),
+            None,
+            None,
+            reduction,
+        )
+    };
+    if !replica::has_count_reducer() {
+        // Single process: mmdet's expressions, unchanged.
+        if n == 0 {
+            return logits.sum(Kind::Float) * 0.0;
+        }
+        return bce(Reduction::Mean);
+    }
+    // A rank without positives still takes part in the count reduction.
+    let div = MeanDivisor::new((n * s[2] * s[3]) as f64, 1.0, logits.device());
+    let sum = if n == 0 {
+        logits.sum(Kind::Float) * 0.0
+    } else {
+        bce(Reduction::Sum)
+    };
+    div.divide(&sum)
 }
 
 /// Paste mask probabilities `masks` (N,h,w) into an `img_h`×`img_w` image at `boxes` (N,4), one

@@ -183,7 +183,8 @@ impl RoiHead for StandardRoiHead {
 }
 
 /// Max-IoU assignment of each image's proposal boxes (K,4) to its GT and the RoI sampling of
-/// one (stage's) RoI head, without gradients.
+/// one (stage's) RoI head, without gradients. One random call site per call (per stage): with
+/// batch keys installed image i samples from its own keyed stream.
 pub fn assign_and_sample(
     assigner: &MaxIoUAssigner,
     sampler: &RandomSampler,
@@ -191,14 +192,17 @@ pub fn assign_and_sample(
     gts: &[GtInstances],
     gt_boxes: &[Tensor],
 ) -> Vec<SamplingResult> {
+    let site = cnx_backbone::replica::next_site();
     tch::no_grad(|| {
         boxes
             .iter()
             .zip(gts)
             .zip(gt_boxes)
-            .map(|((b, g), gb)| {
+            .enumerate()
+            .map(|(i, ((b, g), gb))| {
                 let a = assigner.assign(b, gb, &g.labels);
-                sampler.sample(&a, b, gb, &g.labels)
+                let mut stream = site.as_ref().map(|s| s.stream(i));
+                sampler.sample_keyed(&a, b, gb, &g.labels, stream.as_mut())
             })
             .collect()
     })

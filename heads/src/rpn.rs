@@ -7,6 +7,7 @@ use crate::anchors::AnchorGenerator;
 use crate::assigner::{MaxIoUAssigner, RandomSampler};
 use crate::coder::DeltaXYWHCoder;
 use cnx_backbone::nn::{Conv2d, ConvOpts};
+use cnx_backbone::replica;
 use serde::{Deserialize, Serialize};
 use tch::nn::{Module, Path};
 use tch::{Kind, Reduction, Tensor};
@@ -232,6 +233,8 @@ impl RpnHead {
         let mut bw_all = Vec::new();
         let mut inside_all = Vec::new();
         let mut num_samples = 0i64;
+        // One call site for the whole batch's sampling; image i draws from its own stream.
+        let site = cnx_backbone::replica::next_site();
         for i in 0..n {
             let (labels, lw, tgt, bw, inside) = tch::no_grad(|| {
                 let valid: Vec<Tensor> = out
@@ -259,7 +262,10 @@ impl RpnHead {
                 let gt = &gt_boxes[i];
                 let gl = Tensor::zeros([gt.size()[0]], (Kind::Int64, device));
                 let assign = self.assigner.assign(&anc, gt, &gl);
-                let s = self.sampler.sample(&assign, &anc, gt, &gl);
+                let mut stream = site.as_ref().map(|s| s.stream(i));
+                let s = self
+                    .sampler
+                    .sample_keyed(&assign, &anc, gt, &gl, stream.as_mut());
                 let total = all_anchors.size()[0];
                 let na = anc.size()[0];
                 let mut labels = Tensor::zeros([na], (Kind::Float, device));
@@ -320,7 +326,9 @@ impl RpnHead {
     ) -> (Tensor, Tensor) {
         let t = self.targets(out, img_shapes, pad_shapes, gt_boxes);
         let n = out.cls[0].size()[0];
-        let avg = t.num_samples.max(1) as f64;
+        // mmdet's avg_factor: sampled anchors over the batch (at least 1); under data
+        // parallelism the count over all ranks (see `replica::batch_mean`).
+        let num_samples = t.num_samples as f64;
         // Predictions in the anchors' order: per image, per level (H, W, A).
         let cls_pred: Vec<Tensor> = (0..n)
             .map(|i| {
@@ -347,15 +355,16 @@ impl RpnHead {
         let cls_pred = Tensor::cat(&cls_pred, 0);
         let reg_pred = Tensor::cat(&reg_pred, 0);
         let (labels, lw, tgt, bw) = (t.labels, t.label_weights, t.bbox_targets, t.bbox_weights);
-        let loss_cls = cls_pred.binary_cross_entropy_with_logits::<Tensor>(
+        let cls_sum = cls_pred.binary_cross_entropy_with_logits::<Tensor>(
             &labels,
             Some(lw),
             None,
             Reduction::Sum,
-        ) / avg;
-        let loss_bbox =
-            (smooth_l1(&(reg_pred - tgt), self.smooth_l1_beta) * bw).sum(Kind::Float) / avg;
-        (loss_cls, loss_bbox)
+        );
+        let bbox_sum = (smooth_l1(&(reg_pred - tgt), self.smooth_l1_beta) * bw).sum(Kind::Float);
+        // Both losses share one normalizer (one reduction under data parallelism).
+        let avg = replica::MeanDivisor::new(num_samples, 1.0, cls_sum.device());
+        (avg.divide(&cls_sum), avg.divide(&bbox_sum))
     }
 }
 

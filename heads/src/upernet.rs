@@ -3,48 +3,11 @@
 //! checkpoint names of `decode_head.*` / `auxiliary_head.*`, plus the segmentation losses
 //! (cross-entropy with ignore index, mmseg's pixel accuracy).
 
-use cnx_backbone::nn::{BatchNorm2d, Conv2d, ConvOpts};
-use tch::nn::{self, Module, ModuleT};
+pub use crate::conv_module::ConvModule;
+use cnx_backbone::nn::{Conv2d, ConvOpts};
+use cnx_backbone::replica;
+use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
-
-/// mmcv `ConvModule` with `norm_cfg=BN` and ReLU: `conv` (no bias) → `bn` → ReLU.
-#[derive(Debug)]
-pub struct ConvModule {
-    pub conv: Conv2d,
-    pub bn: BatchNorm2d,
-}
-
-impl ConvModule {
-    pub fn new(p: nn::Path, cin: i64, cout: i64, k: i64, padding: i64) -> Self {
-        let conv = Conv2d::new(
-            &p / "conv",
-            cin,
-            cout,
-            k,
-            ConvOpts {
-                padding,
-                bias: false,
-                ..Default::default()
-            },
-        );
-        // mmcv ConvModule.init_weights: kaiming_init(mode='fan_out', nonlinearity='relu',
-        // distribution='normal'); BN weight 1, bias 0 (tch's defaults already).
-        let std = (2.0 / (cout * k * k) as f64).sqrt();
-        tch::no_grad(|| {
-            let _ = conv.weight().shallow_clone().normal_(0.0, std);
-        });
-        Self {
-            conv,
-            bn: BatchNorm2d::new(&p / "bn", cout),
-        }
-    }
-
-    /// `train` selects batch statistics (and running-stat updates) vs running statistics.
-    /// ReLU in place, as mmcv's (BatchNorm's backward does not need its output).
-    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.bn.forward_t(&self.conv.forward(xs), train).relu_()
-    }
-}
 
 /// Bilinear resize to an exact size (mmseg `resize(..., mode='bilinear')`).
 pub fn resize_bilinear(xs: &Tensor, hw: [i64; 2], align_corners: bool) -> Tensor {
@@ -90,7 +53,15 @@ impl ClsSeg {
 
     fn forward_t(&self, feat: &Tensor, train: bool) -> Tensor {
         let feat = if train && self.dropout > 0.0 {
-            feat.feature_dropout(self.dropout, true)
+            // Dropout2d: whole channels of each image, kept with 1-p and scaled by 1/(1-p);
+            // under batch keys each image's N×C mask comes from its own keyed stream.
+            let s = feat.size();
+            let keep = 1.0 - self.dropout;
+            match replica::keyed_keep_mask(&[s[0], s[1], 1, 1], keep, (feat.kind(), feat.device()))
+            {
+                Some(mask) => feat * mask / keep,
+                None => feat.feature_dropout(self.dropout, true),
+            }
         } else {
             feat.shallow_clone()
         };
@@ -273,9 +244,13 @@ pub fn seg_cross_entropy(
 ) -> Tensor {
     let s = labels.size();
     let logits = resize_bilinear(logits, [s[1], s[2]], align_corners).to_kind(Kind::Float);
-    logits
-        .cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::None, ignore_index, 0.0)
-        .mean(Kind::Float)
+    let loss =
+        logits.cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::None, ignore_index, 0.0);
+    if !replica::has_count_reducer() {
+        return loss.mean(Kind::Float);
+    }
+    // Data parallel: the same mean over every pixel of the whole (all-rank) batch.
+    replica::batch_mean(&loss.sum(Kind::Float), loss.numel() as f64, 1.0)
 }
 
 /// mmseg `accuracy` (top-1, percent) of resized logits over non-ignored pixels.

@@ -487,6 +487,7 @@ fn evaluate_row(args: &Args, spec: &RowSpec, f: &Path, device: Device) -> Result
                 ann,
                 images,
                 None,
+                1,
                 &out,
                 &[IouType::Bbox],
                 device,

@@ -9,10 +9,10 @@ use crate::engine::config::Amp;
 use crate::model_source::ModelSource;
 use crate::results::{to_coco, CocoResult};
 use anyhow::{bail, Context, Result};
+use cnx_datasets::classes::{COCO_CAT_IDS, COCO_CLASSES};
 use cnx_datasets::draw;
 use cnx_datasets::image_io;
 use cnx_datasets::pipeline::{normalize_into, pad_up, TestPipeline};
-use cnx_heads::coco_classes::{COCO_CAT_IDS, COCO_CLASSES};
 use cnx_heads::{Detector, DetectorConfig, ImgMeta};
 use std::path::PathBuf;
 use tch::nn::VarStore;
@@ -63,6 +63,10 @@ pub struct Args {
     /// Post-processing (box decoding, RoIAlign, NMS) stays in fp32.
     #[arg(long)]
     pub bf16: bool,
+    /// Detectors: images per forward pass, padded together as mmdet does (identical detections
+    /// to batch 1 when the padded shapes are equal).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
     /// Also take the images in subfolders of the folders given (outputs mirror the folders).
     #[arg(long)]
     pub recursive: bool,
@@ -133,21 +137,49 @@ fn bench(args: &Args, device: Device, iters: usize) -> Result<()> {
 /// One image through the test pipeline → (batch tensor, meta). Images smaller than 32 px are
 /// padded up (the network needs 32), never refused.
 pub fn prepare(img: &image_io::Image8, pipe: &TestPipeline, device: Device) -> (Tensor, ImgMeta) {
-    let (resized, sf) = pipe.run_image(img.clone());
-    let ph = pad_up(resized.h, pipe.size_divisor).max(32);
-    let pw = pad_up(resized.w, pipe.size_divisor).max(32);
-    let mut buf = vec![0f32; 3 * ph * pw];
-    normalize_into(&resized, &mut buf, pw, ph);
+    let (x, mut metas) = prepare_batch(std::slice::from_ref(img), pipe, device);
+    (x, metas.remove(0))
+}
+
+/// Images through the test pipeline, padded together to the largest (bottom/right, zeros after
+/// normalisation, as mmdet's collate) → (N,3,H,W tensor, metas).
+pub fn prepare_batch(
+    imgs: &[image_io::Image8],
+    pipe: &TestPipeline,
+    device: Device,
+) -> (Tensor, Vec<ImgMeta>) {
+    use rayon::prelude::*;
+    let resized: Vec<(image_io::Image8, (f32, f32))> = imgs
+        .par_iter()
+        .map(|img| pipe.run_image(img.clone()))
+        .collect();
+    let ph = resized
+        .iter()
+        .map(|(r, _)| pad_up(r.h, pipe.size_divisor).max(32))
+        .max();
+    let pw = resized
+        .iter()
+        .map(|(r, _)| pad_up(r.w, pipe.size_divisor).max(32))
+        .max();
+    let (ph, pw) = (ph.unwrap_or(32), pw.unwrap_or(32));
+    let mut buf = vec![0f32; imgs.len() * 3 * ph * pw];
+    buf.par_chunks_mut(3 * ph * pw)
+        .zip(resized.par_iter())
+        .for_each(|(dst, (r, _))| normalize_into(r, dst, pw, ph));
     let t = Tensor::from_slice(&buf)
-        .view([1, 3, ph as i64, pw as i64])
+        .view([imgs.len() as i64, 3, ph as i64, pw as i64])
         .to_device(device);
-    let meta = ImgMeta {
-        img_shape: (resized.h as i64, resized.w as i64),
-        pad_shape: cnx_heads::detector::pad_shape((resized.h as i64, resized.w as i64), 32),
-        ori_shape: (img.h as i64, img.w as i64),
-        scale_factor: sf,
-    };
-    (t, meta)
+    let metas = imgs
+        .iter()
+        .zip(&resized)
+        .map(|(img, (r, sf))| ImgMeta {
+            img_shape: (r.h as i64, r.w as i64),
+            pad_shape: cnx_heads::detector::pad_shape((r.h as i64, r.w as i64), 32),
+            ori_shape: (img.h as i64, img.w as i64),
+            scale_factor: *sf,
+        })
+        .collect();
+    (t, metas)
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -211,72 +243,82 @@ pub fn run(args: Args) -> Result<()> {
     let mut all: Vec<CocoResult> = Vec::new();
     let mut skipped: Vec<PathBuf> = Vec::new();
     let mut written: Vec<serde_json::Value> = Vec::new();
-    for (i, input) in inputs.iter().enumerate() {
-        let path = &input.path;
-        let img = match image_io::read_rgb(path) {
-            Ok(img) => img,
-            Err(e) => {
-                eprintln!("skipping {}: {e}", path.display());
-                skipped.push(path.clone());
-                continue;
+    let batch_size = args.batch_size.max(1) as usize;
+    let numbered: Vec<(usize, &crate::cmd::inputs::Input)> = inputs.iter().enumerate().collect();
+    for chunk in numbered.chunks(batch_size) {
+        let (mut read, mut imgs) = (Vec::new(), Vec::new());
+        for &(i, input) in chunk {
+            match image_io::read_rgb(&input.path) {
+                Ok(img) => {
+                    read.push((i, input));
+                    imgs.push(img);
+                }
+                Err(e) => {
+                    eprintln!("skipping {}: {e}", input.path.display());
+                    skipped.push(input.path.clone());
+                }
             }
-        };
-        let (x, meta) = prepare(&img, &pipe, device);
-        let t0 = std::time::Instant::now();
-        let dets = amp::autocast(device, precision(&args), || {
-            det.predict(&x, std::slice::from_ref(&meta))
-        });
-        let d = &dets[0];
-        // The image's name relative to the folder it was found in (unique across inputs).
-        let file_name = match path.extension() {
-            Some(e) => input.out.with_extension(e),
-            None => input.out.clone(),
         }
-        .display()
-        .to_string();
-        let res = to_coco(d, i as i64, Some(&file_name), &|l| {
-            cat_ids.get(l as usize).copied().unwrap_or(l)
-        });
-        // drawing: above --score-thr only
-        let mut canvas = draw::to_rgb_image(&img);
-        let masks = d.masks.as_ref().map(|m| {
-            Vec::<u8>::try_from(
-                &m.to_device(Device::Cpu)
-                    .to_kind(tch::Kind::Uint8)
-                    .contiguous()
-                    .view([-1]),
-            )
-            .unwrap_or_default()
-        });
-        let b = cnx_heads::boxes::to_vec_f32(&d.boxes);
-        let s = cnx_heads::boxes::to_vec_f32(&d.scores);
-        let l = cnx_heads::boxes::to_vec_i64(&d.labels);
-        let hw = img.h * img.w;
-        let inst: Vec<draw::Instance> = (0..s.len())
-            .filter(|&k| s[k] as f64 >= args.score_thr)
-            .map(|k| draw::Instance {
-                bbox: [b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]],
-                label: l[k] as usize,
-                score: Some(s[k]),
-                mask: masks.as_ref().map(|m| &m[k * hw..(k + 1) * hw]),
-            })
-            .collect();
-        draw::draw_instances(&mut canvas, &inst, &names);
-        let out = input.output(&args.out_dir, ".png")?;
-        canvas
-            .save(&out)
-            .with_context(|| format!("writing {}", out.display()))?;
-        println!(
-            "{}: {} detections ({} drawn, score ≥ {}) in {:.2}s → {}",
-            path.display(),
-            s.len(),
-            inst.len(),
-            args.score_thr,
-            t0.elapsed().as_secs_f64(),
-            out.display()
-        );
-        written.push(serde_json::json!({"image": path, "outputs": [out]}));
-        all.extend(res);
+        if read.is_empty() {
+            continue;
+        }
+        let t0 = std::time::Instant::now();
+        let (x, metas) = prepare_batch(&imgs, &pipe, device);
+        let dets = amp::autocast(device, precision(&args), || det.predict(&x, &metas));
+        let secs = t0.elapsed().as_secs_f64() / read.len() as f64;
+        for (((i, input), img), d) in read.into_iter().zip(&imgs).zip(&dets) {
+            let path = &input.path;
+            // The image's name relative to the folder it was found in (unique across inputs).
+            let file_name = match path.extension() {
+                Some(e) => input.out.with_extension(e),
+                None => input.out.clone(),
+            }
+            .display()
+            .to_string();
+            let res = to_coco(d, i as i64, Some(&file_name), &|l| {
+                cat_ids.get(l as usize).copied().unwrap_or(l)
+            });
+            // drawing: above --score-thr only
+            let mut canvas = draw::to_rgb_image(img);
+            let masks = d.masks.as_ref().map(|m| {
+                Vec::<u8>::try_from(
+                    &m.to_device(Device::Cpu)
+                        .to_kind(tch::Kind::Uint8)
+                        .contiguous()
+                        .view([-1]),
+                )
+                .unwrap_or_default()
+            });
+            let b = cnx_heads::boxes::to_vec_f32(&d.boxes);
+            let s = cnx_heads::boxes::to_vec_f32(&d.scores);
+            let l = cnx_heads::boxes::to_vec_i64(&d.labels);
+            let hw = img.h * img.w;
+            let inst: Vec<draw::Instance> = (0..s.len())
+                .filter(|&k| s[k] as f64 >= args.score_thr)
+                .map(|k| draw::Instance {
+                    bbox: [b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]],
+                    label: l[k] as usize,
+                    score: Some(s[k]),
+                    mask: masks.as_ref().map(|m| &m[k * hw..(k + 1) * hw]),
+                })
+                .collect();
+            draw::draw_instances(&mut canvas, &inst, &names);
+            let out = input.output(&args.out_dir, ".png")?;
+            canvas
+                .save(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "{}: {} detections ({} drawn, score ≥ {}) in {:.2}s → {}",
+                path.display(),
+                s.len(),
+                inst.len(),
+                args.score_thr,
+                secs,
+                out.display()
+            );
+            written.push(serde_json::json!({"image": path, "outputs": [out]}));
+            all.extend(res);
+        }
     }
     let json = args.out_dir.join("predictions.json");
     std::fs::write(&json, serde_json::to_vec(&all)?)

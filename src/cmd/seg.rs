@@ -7,11 +7,11 @@
 use anyhow::{bail, Context, Result};
 use cnx_backbone::checkpoint::{self, LoadOptions};
 use cnx_datasets::ade::AdeDataset;
+use cnx_datasets::classes::{ADE20K_CLASSES, ADE20K_PALETTE};
 use cnx_datasets::draw;
 use cnx_datasets::image_io::{self, Image8};
 use cnx_eval::miou::Accumulator;
 use cnx_heads::segmentor::{argmax_u8, Segmentor, SegmentorConfig, TestMode};
-use cnx_heads::upernet_palette::{ADE20K_CLASSES, ADE20K_PALETTE};
 use image::{GrayImage, Rgb, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};

@@ -6,16 +6,15 @@
 //! Images that cannot be read are named, counted and skipped. Segmentors run ADE-layout data
 //! through `cmd::seg`.
 
+use crate::evaluation::{coco_evaluate, coco_inference, InferenceOpts};
 use crate::model_source::ModelSource;
-use crate::results::{to_coco, CocoResult};
 use anyhow::{bail, Context, Result};
-use cnx_datasets::loader::collate_det;
 use cnx_datasets::pipeline::TestPipeline;
 use cnx_datasets::CocoDataset;
-use cnx_eval::coco::{evaluate, parse_results, CocoGt, IouType, Summary};
+use cnx_eval::coco::{IouType, Summary};
 use cnx_heads::TwoStageDetector;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::Device;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -54,6 +53,10 @@ pub struct Args {
     /// Stop after this many images (quick checks).
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Detectors: images per forward pass, padded together as mmdet does (identical detections
+    /// to batch 1 when the padded shapes are equal).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
     /// Segmentors: whole-image or sliding-window inference (default: the preset's).
     #[arg(long)]
     pub mode: Option<String>,
@@ -128,7 +131,15 @@ pub fn run(args: Args) -> Result<()> {
     let pipe = src.test_pipeline();
     let mut metrics = std::collections::BTreeMap::new();
     for (t, summary) in coco_test(
-        &det, &pipe, &ann, &img_dir, args.limit, &out, &types, device,
+        &det,
+        &pipe,
+        &ann,
+        &img_dir,
+        args.limit,
+        args.batch_size as usize,
+        &out,
+        &types,
+        device,
     )? {
         if args.json {
             metrics.extend(summary.metrics(t.name()));
@@ -145,8 +156,9 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Run `det` over the COCO dataset `ann` / `img_dir` (the first `limit` images), write the
-/// results file `out` and evaluate it against all of `ann`'s ground truth, one summary per type.
+/// Run `det` over the COCO dataset `ann` / `img_dir` (the first `limit` images, `batch_size`
+/// per pass), write the results file `out` and evaluate it against all of `ann`'s ground truth,
+/// one summary per type.
 #[allow(clippy::too_many_arguments)]
 pub fn coco_test(
     det: &TwoStageDetector,
@@ -154,72 +166,28 @@ pub fn coco_test(
     ann: &Path,
     img_dir: &Path,
     limit: Option<usize>,
+    batch_size: usize,
     out: &Path,
     types: &[IouType],
     device: Device,
 ) -> Result<Vec<(IouType, Summary)>> {
-    let ds =
-        CocoDataset::load(ann, img_dir).with_context(|| format!("reading {}", ann.display()))?;
-    if ds.num_classes() as i64 != det.num_classes() {
-        bail!(
-            "{} has {} categories but the detector predicts {} classes (labels could not be mapped \
-             to category ids); use an annotation file with the model's categories",
-            ann.display(),
-            ds.num_classes(),
-            det.num_classes()
-        );
-    }
-    let n = limit.unwrap_or(ds.images.len()).min(ds.images.len());
-    let pb = ProgressBar::new(n as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap(),
+    let ds = Arc::new(
+        CocoDataset::load(ann, img_dir).with_context(|| format!("reading {}", ann.display()))?,
     );
-    let mut results: Vec<CocoResult> = Vec::new();
-    let mut failed = 0usize;
-    let t0 = std::time::Instant::now();
-    for i in 0..n {
-        let sample = match pipe.run(&ds, i, false) {
-            Ok(s) => s,
-            Err(e) => {
-                pb.println(format!("skipping {}: {e}", ds.images[i].file_name));
-                failed += 1;
-                pb.inc(1);
-                continue;
-            }
-        };
-        let image_id = sample.meta.image_id;
-        let file_name = sample.meta.file_name.clone();
-        let batch = collate_det(vec![sample], pipe.size_divisor, 0, i);
-        let dets = crate::adapters::predict_batch(det, &batch, device);
-        results.extend(to_coco(&dets[0], image_id, Some(&file_name), &|l| {
-            ds.label_to_cat(l as usize)
-        }));
-        pb.inc(1);
-        pb.set_message(format!(
-            "{:.2} img/s",
-            (i + 1) as f64 / t0.elapsed().as_secs_f64()
-        ));
-    }
-    pb.finish();
-    let bytes = serde_json::to_vec(&results)?;
-    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
-    println!(
+    let opts = InferenceOpts {
+        pipeline: pipe.clone(),
+        batch_size,
+        limit,
+        device,
+        progress: true,
+    };
+    let r = coco_inference(det, &ds, &opts).with_context(|| ann.display().to_string())?;
+    crate::evaluation::report_skipped(&r.skipped, "");
+    eprintln!(
         "{} detections on {} images → {}",
-        results.len(),
-        n - failed,
+        r.results.len(),
+        r.images,
         out.display()
     );
-    if failed > 0 {
-        eprintln!("{failed} images could not be read and were skipped");
-    }
-    let gt = CocoGt::load(ann)?;
-    let dets = parse_results(&bytes, &out.display().to_string())?;
-    let mut summaries = Vec::new();
-    for &t in types {
-        summaries.push((t, evaluate(&gt, &dets, t)?.summary));
-    }
-    Ok(summaries)
+    coco_evaluate(ann, &r.results, out, types)
 }

@@ -288,21 +288,6 @@ fn train_data_error(e: cnx_datasets::DatasetError) -> anyhow::Error {
     }
 }
 
-/// Report the validation images evaluation left out (as `cnx test` does: each named, then the
-/// count) and return the count.
-fn report_skipped_val(skipped: &[cnx_datasets::loader::BrokenSample]) -> usize {
-    for b in skipped {
-        eprintln!("skipping validation image {}: {}", b.file, b.error);
-    }
-    if !skipped.is_empty() {
-        eprintln!(
-            "{} validation images could not be read and were skipped",
-            skipped.len()
-        );
-    }
-    skipped.len()
-}
-
 /// Mask R-CNN on a COCO-format dataset.
 pub struct DetTask {
     /// Class names and category ids of the training set (label order), for checkpoints.
@@ -472,42 +457,28 @@ impl TrainTask for DetTask {
         Ok(losses.0.into_iter().filter_map(loss_term).collect())
     }
     fn evaluate(&mut self, out_dir: &Path) -> Result<BTreeMap<String, f64>> {
-        let mut results = vec![];
-        let mut seen = 0;
-        let val = self.val.clone();
         // Unreadable validation images are skipped and counted (as `cnx test` does); COCOeval
         // still sees their ground truth, so they count as missed.
-        let mut batches = TestIter::new(
-            self.val.clone(),
-            TestPipeline {
+        let opts = crate::evaluation::InferenceOpts {
+            pipeline: TestPipeline {
                 scale: self.test_scale,
                 size_divisor: 32,
             },
-            2,
-        );
-        batches.skip_broken = true;
-        for b in batches.by_ref() {
-            let b = b?;
-            let dets = crate::adapters::predict_batch(&self.model, &b, self.device);
-            for (d, m) in dets.iter().zip(&b.metas) {
-                results.extend(crate::results::to_coco(d, m.image_id, None, &|l| {
-                    val.label_to_cat(l as usize)
-                }));
-            }
-            seen += b.metas.len();
-            if self.val_max > 0 && seen >= self.val_max {
-                break;
-            }
-        }
-        let skipped = report_skipped_val(&batches.skipped);
-        let json = serde_json::to_vec(&results)?;
-        std::fs::write(out_dir.join("results.json"), &json)?;
-        let gt = cnx_eval::coco::CocoGt::load(&self.val_ann)?;
-        let dets = cnx_eval::coco::parse_results(&json, "detections")?;
+            batch_size: 2,
+            limit: (self.val_max > 0).then_some(self.val_max),
+            device: self.device,
+            progress: false,
+        };
+        let r = crate::evaluation::coco_inference(&self.model, &self.val, &opts)?;
+        let types = [cnx_eval::coco::IouType::Bbox, cnx_eval::coco::IouType::Segm];
+        let summaries = crate::evaluation::coco_evaluate(
+            &self.val_ann,
+            &r.results,
+            &out_dir.join("results.json"),
+            &types,
+        )?;
         let mut out = BTreeMap::new();
-        for t in [cnx_eval::coco::IouType::Bbox, cnx_eval::coco::IouType::Segm] {
-            let ev = cnx_eval::coco::evaluate(&gt, &dets, t)?;
-            let s = ev.summary;
+        for (t, s) in summaries {
             let n = t.name();
             out.extend(s.metrics(n));
             std::fs::write(
@@ -515,6 +486,7 @@ impl TrainTask for DetTask {
                 s.format_pycocotools(),
             )?;
         }
+        let skipped = crate::evaluation::report_skipped(&r.skipped, "validation ");
         if skipped > 0 {
             out.insert("skipped_images".into(), skipped as f64);
         }
@@ -680,7 +652,7 @@ impl SegTask {
         // The dataset's class table; ADE20K's names for a 150-class model without one; names
         // the table lacks are `class_<i>`.
         let table: Vec<String> = if train.class_names.is_empty() && nc == 150 {
-            cnx_heads::upernet_palette::ADE20K_CLASSES
+            cnx_datasets::classes::ADE20K_CLASSES
                 .iter()
                 .map(|s| s.to_string())
                 .collect()
@@ -814,7 +786,7 @@ impl TrainTask for SegTask {
             let pred = self.predict(&item);
             acc.add(&pred, &item.label.data)?;
         }
-        let skipped = report_skipped_val(&skipped);
+        let skipped = crate::evaluation::report_skipped(&skipped, "validation ");
         let names: Vec<String> = if self.val.class_names.len() == self.num_classes {
             self.val.class_names.clone()
         } else {

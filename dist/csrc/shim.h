@@ -1,0 +1,48 @@
+// C ABI between cnx-dist (Rust) and torch.distributed's c10d (C++).
+//
+// Every function that can fail returns NULL on success or a heap-allocated error message that the
+// caller releases with cnx_dist_free_error: no C++ exception ever crosses into Rust.
+// Tensors are passed as `at::Tensor*` (what tch's `Tensor::as_ptr` hands out), typed `void*` here
+// so the header stays plain C.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cnx_pg cnx_pg;
+
+enum { CNX_BACKEND_GLOO = 0, CNX_BACKEND_NCCL = 1 };
+
+// 1 when the shim was compiled with ProcessGroupNCCL, else 0.
+int cnx_dist_has_nccl(void);
+void cnx_dist_free_error(char* err);
+
+// Creates the TCPStore (rank 0 serves it at master_addr:port) and the backend over it.
+// device_index: the CUDA device of this rank for NCCL (-1: let c10d choose); ignored by Gloo.
+char* cnx_pg_new(int backend, const char* master_addr, uint16_t port, int rank, int world,
+                 int64_t timeout_ms, int device_index, cnx_pg** out);
+void cnx_pg_free(cnx_pg* pg);
+
+// One collective per tensor, all in flight together, then waited in order.
+char* cnx_pg_broadcast(cnx_pg* pg, void* const* tensors, size_t n, int root);
+char* cnx_pg_allreduce_sum(cnx_pg* pg, void* const* tensors, size_t n);
+// outputs[world] receive every rank's `input` (same shape and dtype on every rank).
+char* cnx_pg_allgather(cnx_pg* pg, void* input, void* const* outputs, size_t world);
+char* cnx_pg_barrier(cnx_pg* pg);
+
+// Training-mode batch norm over the whole group (torch.nn.SyncBatchNorm), as an autograd op whose
+// backward all-reduces too. weight and bias may be NULL (no affine). running_mean/running_var are
+// updated in place. *out receives a new `at::Tensor*` owned by the caller. The autograd node holds
+// its own reference to the backend, not to `pg`.
+char* cnx_sync_batch_norm(cnx_pg* pg, void* input, void* weight, void* bias, void* running_mean,
+                          void* running_var, double momentum, double eps, void** out);
+
+// param.grad = grad (tch exposes no setter for .grad; needed to give an undefined grad a value).
+char* cnx_set_grad(void* param, void* grad);
+
+#ifdef __cplusplus
+}
+#endif
