@@ -367,7 +367,9 @@ mod tests {
     #[test]
     fn choose_is_keyed_distinct_and_in_range() {
         let draw = |samples: &[u64], pos: usize| {
-            with_batch_keys(keys(samples), || next_site().unwrap().stream(pos).choose(200_000, 128))
+            with_batch_keys(keys(samples), || {
+                next_site().unwrap().stream(pos).choose(200_000, 128)
+            })
         };
         let a = draw(&[4], 0);
         assert_eq!(a, draw(&[9, 2, 4], 2));
@@ -388,7 +390,10 @@ mod tests {
         let s = Tensor::from_slice(&[1.2345f32, 2.5, 3.75]).sum(Kind::Float);
         let got = batch_mean(&s, 7.0, 1.0);
         assert_eq!(got.kind(), Kind::Float);
-        assert_eq!(f32::try_from(&got).unwrap(), f32::try_from(&(&s / 7.0)).unwrap());
+        assert_eq!(
+            f32::try_from(&got).unwrap(),
+            f32::try_from(&(&s / 7.0)).unwrap()
+        );
         let zero = batch_mean(&s, 0.0, 1.0);
         assert_eq!(f32::try_from(&zero).unwrap(), f32::try_from(&s).unwrap());
     }
@@ -412,7 +417,12 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let bn = crate::nn::BatchNorm2d::new(vs.root() / "bn", 2);
         // Channel 1's variance (1.9e-5) is of the order of eps, so a wrong eps shows.
-        let x = Tensor::from_slice(&[1.0f32, 2.0, 0.0, 0.01, 0.0, 0.0, 0.0, 0.0]).view([2, 2, 2, 1]);
+        let x =
+            Tensor::from_slice(&[1.0f32, 2.0, 0.0, 0.01, 0.0, 0.0, 0.0, 0.0]).view([2, 2, 2, 1]);
+        // tch initialises the scale uniformly in [0, 1); 1 keeps the eps check sensitive.
+        tch::no_grad(|| {
+            let _ = bn.inner.ws.as_ref().unwrap().shallow_clone().fill_(1.0);
+        });
         let y = bn.forward_t(&x, true);
         let mean = x.mean_dim([0i64, 2, 3].as_slice(), false, Kind::Float);
         let rm = Vec::<f32>::try_from(&bn.inner.running_mean).unwrap();
@@ -424,7 +434,9 @@ mod tests {
         let var = centered
             .square()
             .mean_dim([0i64, 2, 3].as_slice(), true, Kind::Float);
-        let want = centered / (var + BN_EPS).sqrt();
+        let w = bn.inner.ws.as_ref().unwrap().view([1, 2, 1, 1]);
+        let b = bn.inner.bs.as_ref().unwrap().view([1, 2, 1, 1]);
+        let want = centered / (var + BN_EPS).sqrt() * w + b;
         let diff = f64::try_from((y - want).abs().max()).unwrap();
         assert!(diff < 1e-4, "{diff}");
     }

@@ -23,8 +23,8 @@ fn masks(seed: u64, iteration: u64, samples: &[u64]) -> Vec<Vec<bool>> {
             .map(|_| {
                 let y = drop_path(&x, 0.5, true);
                 // Kept samples are scaled by 1/keep = 2, dropped ones are 0.
-                let per: Vec<f32> = Vec::try_from(y.mean_dim(&[1i64, 2, 3][..], false, Kind::Float))
-                    .unwrap();
+                let per: Vec<f32> =
+                    Vec::try_from(y.mean_dim(&[1i64, 2, 3][..], false, Kind::Float)).unwrap();
                 per.iter()
                     .map(|&v| {
                         assert!(v == 0.0 || v == 2.0, "{v}");
@@ -44,11 +44,18 @@ fn column(m: &[Vec<bool>], image: usize) -> Vec<bool> {
 fn keyed_mask_follows_the_sample_not_the_batch() {
     let alone = column(&masks(11, 5, &[5]), 0);
     let batch = masks(11, 5, &[9, 0, 5, 17]);
-    assert_eq!(alone, column(&batch, 2), "sample 5 alone vs third in a batch");
+    assert_eq!(
+        alone,
+        column(&batch, 2),
+        "sample 5 alone vs third in a batch"
+    );
     // Another sample in the same batch draws differently (2^-64 chance to coincide).
     assert_ne!(column(&batch, 2), column(&batch, 0));
     // Sites differ: the 64 calls are not one repeated draw (each call is a new site).
-    assert!(alone.iter().any(|&k| k) && alone.iter().any(|&k| !k), "{alone:?}");
+    assert!(
+        alone.iter().any(|&k| k) && alone.iter().any(|&k| !k),
+        "{alone:?}"
+    );
     // Another iteration or seed gives other draws for the same sample.
     assert_ne!(alone, column(&masks(11, 6, &[5]), 0));
     assert_ne!(alone, column(&masks(12, 5, &[5]), 0));

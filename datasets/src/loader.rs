@@ -99,6 +99,13 @@ pub struct LoaderConfig {
     pub broken: Arc<BrokenLog>,
     /// Stop after this many epochs (`None` = run forever).
     pub max_epochs: Option<usize>,
+    /// Data-parallel replicas (processes) sharing each global batch, and this one's rank. The
+    /// sampler orders the epoch in global batches of `batch_size x replicas` images (one aspect
+    /// group each, as mmdet's group samplers intend) and replica `rank` takes images
+    /// `rank*batch_size ..` of every global batch, so the order (and each image's augmentation,
+    /// keyed by its global position) does not depend on how the global batch is split.
+    pub replicas: usize,
+    pub rank: usize,
 }
 
 impl Default for LoaderConfig {
@@ -111,6 +118,8 @@ impl Default for LoaderConfig {
             skip_missing: false,
             replace_broken: false,
             broken: Arc::new(BrokenLog::default()),
+            replicas: 1,
+            rank: 0,
             max_epochs: None,
         }
     }
@@ -285,11 +294,20 @@ impl<S: Source> Loader<S> {
             return Err(DatasetError::Invalid("no training samples".into()));
         }
         let bs = cfg.batch_size.max(1);
+        let replicas = cfg.replicas.max(1);
+        if cfg.rank >= replicas {
+            return Err(DatasetError::Invalid(format!(
+                "rank {} of {replicas} replicas",
+                cfg.rank
+            )));
+        }
+        // The global batch: what one optimizer step sees over all replicas.
+        let gbs = bs * replicas;
         let flags: Vec<u8> = (0..source.len()).map(|i| source.group(i)).collect();
         let iters_per_epoch = {
             let g0 = flags.iter().filter(|&&f| f == 0).count();
             let g1 = flags.len() - g0;
-            g0.div_ceil(bs) + g1.div_ceil(bs)
+            g0.div_ceil(gbs) + g1.div_ceil(gbs)
         };
         let threads = if cfg.threads == 0 {
             std::thread::available_parallelism()
@@ -318,13 +336,19 @@ impl<S: Source> Loader<S> {
                     if cfg.max_epochs.is_some_and(|m| epoch >= m) {
                         return;
                     }
-                    let order = group_sampler_order(&flags, bs, cfg.seed, epoch as u64);
-                    let nb = order.len() / bs;
+                    let order = group_sampler_order(&flags, gbs, cfg.seed, epoch as u64);
+                    let nb = order.len() / gbs;
                     let mut it = first;
                     while it < nb {
                         let end = (it + group).min(nb);
-                        let jobs: Vec<(usize, usize)> =
-                            (it * bs..end * bs).map(|p| (p, order[p])).collect();
+                        // This replica's slice of each global batch, by global position.
+                        let jobs: Vec<(usize, usize)> = (it..end)
+                            .flat_map(|b| {
+                                let p0 = b * gbs + cfg.rank * bs;
+                                p0..p0 + bs
+                            })
+                            .map(|p| (p, order[p]))
+                            .collect();
                         let results: Vec<Result<S::Sample>> = pool.install(|| {
                             jobs.par_iter()
                                 .map(|&(p, i)| {
@@ -698,6 +722,54 @@ mod replace_tests {
         let e = load_or_replace(&src, &flags, 3, 0, 0, 5, Some(&log)).unwrap_err();
         assert!(e.to_string().contains("img3.jpg"), "{e}");
         assert!(log.take_new().is_empty());
+    }
+
+    #[test]
+    fn replicas_split_each_global_batch_without_changing_the_order() {
+        // 1 process x 4 images per step vs 2 replicas x 2 and 4 replicas x 1: rank r's batch b is
+        // images r*k.. of the single process's batch b, with the same augmentation draws, from a
+        // resumed position too.
+        let run = |replicas: usize, rank: usize, start_iter: usize| {
+            let cfg = LoaderConfig {
+                batch_size: 4 / replicas,
+                seed: 5,
+                threads: 2,
+                max_epochs: Some(2),
+                replicas,
+                rank,
+                ..Default::default()
+            };
+            let l = Loader::new(Arc::new(fake(23, &[])), cfg, 0, start_iter).unwrap();
+            let ipe = l.iters_per_epoch();
+            (ipe, l.map(|b| b.unwrap()).collect::<Vec<_>>())
+        };
+        let (ipe, one) = run(1, 0, 0);
+        for replicas in [2, 4] {
+            let ranks: Vec<(usize, Vec<Vec<(usize, u64)>>)> =
+                (0..replicas).map(|r| run(replicas, r, 0)).collect();
+            for (r, (ipe_r, batches)) in ranks.iter().enumerate() {
+                assert_eq!(*ipe_r, ipe, "iterations per epoch are the global batch's");
+                assert_eq!(batches.len(), one.len());
+                let k = 4 / replicas;
+                for (b, (mine, all)) in batches.iter().zip(&one).enumerate() {
+                    assert_eq!(mine[..], all[r * k..(r + 1) * k], "replica {r}, batch {b}");
+                }
+            }
+        }
+        let (_, resumed) = run(2, 1, 3);
+        let (_, full) = run(2, 1, 0);
+        assert_eq!(resumed[..], full[3..]);
+        assert!(Loader::new(
+            Arc::new(fake(4, &[])),
+            LoaderConfig {
+                replicas: 2,
+                rank: 2,
+                ..Default::default()
+            },
+            0,
+            0
+        )
+        .is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
@@ -81,7 +82,8 @@ void cnx_dist_free_error(char* err) {
 }
 
 char* cnx_pg_new(int backend, const char* master_addr, uint16_t port, int rank, int world,
-                 int64_t timeout_ms, int device_index, cnx_pg** out) {
+                 int64_t timeout_ms, int device_index, int is_server, const char* store_prefix,
+                 cnx_pg** out) {
   *out = nullptr;
   return guarded("creating the process group", [&] {
     const std::chrono::milliseconds timeout(timeout_ms);
@@ -91,11 +93,16 @@ char* cnx_pg_new(int backend, const char* master_addr, uint16_t port, int rank, 
 
     c10d::TCPStoreOptions opts;
     opts.port = port;
-    opts.isServer = rank == 0;
+    opts.isServer = is_server != 0;
     opts.numWorkers = static_cast<std::size_t>(world);
     opts.waitWorkers = true;
     opts.timeout = timeout;
-    pg->store = c10::make_intrusive<c10d::TCPStore>(std::string(master_addr), opts);
+    c10::intrusive_ptr<c10d::Store> store =
+        c10::make_intrusive<c10d::TCPStore>(std::string(master_addr), opts);
+    if (store_prefix != nullptr && store_prefix[0] != '\0') {
+      store = c10::make_intrusive<c10d::PrefixStore>(std::string(store_prefix), store);
+    }
+    pg->store = store;
 
     if (backend == CNX_BACKEND_GLOO) {
       auto options = c10d::ProcessGroupGloo::Options::create(timeout);

@@ -20,10 +20,13 @@ enum { CNX_BACKEND_GLOO = 0, CNX_BACKEND_NCCL = 1 };
 int cnx_dist_has_nccl(void);
 void cnx_dist_free_error(char* err);
 
-// Creates the TCPStore (rank 0 serves it at master_addr:port) and the backend over it.
-// device_index: the CUDA device of this rank for NCCL (-1: let c10d choose); ignored by Gloo.
+// Creates the TCPStore client (and its server when is_server) at master_addr:port, under
+// store_prefix when non-empty (torchrun's agent store: one prefix per restart attempt), and the
+// backend over it. device_index: the CUDA device of this rank for NCCL (-1: let c10d choose);
+// ignored by Gloo.
 char* cnx_pg_new(int backend, const char* master_addr, uint16_t port, int rank, int world,
-                 int64_t timeout_ms, int device_index, cnx_pg** out);
+                 int64_t timeout_ms, int device_index, int is_server, const char* store_prefix,
+                 cnx_pg** out);
 void cnx_pg_free(cnx_pg* pg);
 
 // One collective per tensor, all in flight together, then waited in order.

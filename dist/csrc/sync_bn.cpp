@@ -86,7 +86,9 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
     // the remaining subtraction happens in double.
     at::Tensor local_sum, local_sq;
     if (local_count > 0) {
-      auto [var_l, mean_l] = at::var_mean(input, dims, /*correction=*/0, /*keepdim=*/false);
+      // var_mean returns the input dtype: for half/bfloat16 that would round the mean to 3
+      // significant digits, so those go through a float copy.
+      auto [var_l, mean_l] = at::var_mean(input.to(ct), dims, /*correction=*/0, /*keepdim=*/false);
       mean_l = mean_l.to(at::kDouble);
       var_l = var_l.to(at::kDouble);
       local_sum = mean_l * static_cast<double>(local_count);
@@ -136,6 +138,7 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
     // The node keeps its own reference to the backend: the Rust-side ProcessGroup may be dropped
     // before backward without leaving a dangling pointer here (see sync_bn.rs for what a
     // backward after the drop then does).
+    // (An IValue can only hold a non-registered C++ class as a capsule.)
     ctx->saved_data["backend"] = c10::IValue::make_capsule(backend);
     ctx->saved_data["has_weight"] = weight.has_value();
     ctx->saved_data["has_bias"] = bias.has_value();

@@ -34,6 +34,11 @@ pub struct DistEnv {
     /// torchrun's `TORCHELASTIC_RESTART_COUNT` (0 on the first attempt or under SLURM).
     pub restart_count: u32,
     pub launcher: Launcher,
+    /// torchrun's agent already serves the TCPStore at MASTER_ADDR:MASTER_PORT
+    /// (`TORCHELASTIC_USE_AGENT_STORE=True`): every rank joins it as a client, under the prefix
+    /// `/worker/attempt_{restart_count}` so a restarted group does not read the last attempt's
+    /// keys (what torch.distributed's `env://` rendezvous does).
+    pub agent_store: bool,
 }
 
 impl DistEnv {
@@ -70,6 +75,7 @@ impl DistEnv {
             master_port,
             restart_count: 0,
             launcher: Launcher::Torchrun,
+            agent_store: false,
         }
     }
 
@@ -79,8 +85,11 @@ impl DistEnv {
     }
 
     fn torchrun(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<DistEnv>> {
+        // A one-process torchrun job (which always names its master) still gets its group: the
+        // NCCL/Gloo path is then the same as with more processes. A bare WORLD_SIZE=1 is a
+        // single-process run.
         let world_size = parse_count(get, "WORLD_SIZE")?;
-        if world_size == 1 {
+        if world_size == 1 && get("MASTER_ADDR").is_none() {
             return Ok(None);
         }
         let rank = parse_required(get, "RANK")?;
@@ -116,6 +125,7 @@ impl DistEnv {
             master_port: master_port(get)?,
             restart_count,
             launcher: Launcher::Torchrun,
+            agent_store: get("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True"),
         }))
     }
 
@@ -143,6 +153,7 @@ impl DistEnv {
             master_port: master_port(get)?,
             restart_count: 0,
             launcher: Launcher::Slurm,
+            agent_store: false,
         }))
     }
 }
@@ -352,6 +363,17 @@ mod tests {
     fn single_process_is_none() {
         assert_eq!(parse(&[]).unwrap(), None);
         assert_eq!(parse(&[("WORLD_SIZE", "1"), ("RANK", "0")]).unwrap(), None);
+        // torchrun --nproc-per-node 1 (a master named) joins a one-rank group.
+        let one = parse(&[
+            ("WORLD_SIZE", "1"),
+            ("RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29400"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!((one.world_size, one.agent_store), (1, true));
         assert_eq!(
             parse(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")]).unwrap(),
             None
@@ -374,6 +396,7 @@ mod tests {
                 master_port: 29400,
                 restart_count: 2,
                 launcher: Launcher::Torchrun,
+                agent_store: false,
             }
         );
         assert!(!e.is_main());
@@ -429,6 +452,7 @@ mod tests {
                 master_port: 29500,
                 restart_count: 0,
                 launcher: Launcher::Slurm,
+                agent_store: false,
             }
         );
         // MASTER_ADDR / MASTER_PORT override the nodelist and the default port.

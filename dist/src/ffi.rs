@@ -29,6 +29,8 @@ extern "C" {
         world: c_int,
         timeout_ms: i64,
         device_index: c_int,
+        is_server: c_int,
+        store_prefix: *const c_char,
         out: *mut *mut CnxPg,
     ) -> *mut c_char;
     pub fn cnx_pg_free(pg: *mut CnxPg);

@@ -114,6 +114,14 @@ impl ProcessGroup {
         let timeout_ms = i64::try_from(timeout.as_millis())
             .unwrap_or(i64::MAX)
             .max(1);
+        // Under torchrun's agent store every rank is a client of the agent's store, prefixed per
+        // restart attempt; otherwise rank 0 serves the store.
+        let (is_server, prefix) = if env.agent_store {
+            (false, format!("/worker/attempt_{}", env.restart_count))
+        } else {
+            (rank == 0, String::new())
+        };
+        let prefix = CString::new(prefix).expect("no NUL in the store prefix");
         let mut raw = std::ptr::null_mut();
         unsafe {
             ffi::check(ffi::cnx_pg_new(
@@ -124,6 +132,8 @@ impl ProcessGroup {
                 world as i32,
                 timeout_ms,
                 env.local_rank as i32,
+                is_server as i32,
+                prefix.as_ptr(),
                 &mut raw,
             ))?;
         }

@@ -259,6 +259,13 @@ fn sync_bn_one_rank_is_plain_batch_norm() {
             assert!(rel_err(&rv, &rv_ref) <= tol);
         }
 
+        // bfloat16 (as under mixed precision): statistics in float, so as close to plain BN as
+        // bfloat16's own rounding of the output allows.
+        let batch = Batch::new(&[4, 3, 5, 2], Kind::BFloat16);
+        let got = synced(&pg, &batch, 0, 4);
+        let want = reference(&batch, 0, 4);
+        check_step(&pg, "BFloat16", &got, &want, 2e-2);
+
         // Mistakes are errors, not crashes.
         let opts = (Kind::Float, Device::Cpu);
         let (rm, rv) = (Tensor::zeros([3], opts), Tensor::ones([3], opts));

@@ -76,7 +76,11 @@ fn det_inputs() -> (Tensor, Vec<ImgMeta>, Vec<GtInstances>) {
     let boxes: [&[[f32; 4]]; 4] = [
         &[[8.0, 10.0, 60.0, 70.0], [40.0, 30.0, 120.0, 90.0]],
         &[[20.0, 5.0, 50.0, 40.0]],
-        &[[5.0, 50.0, 70.0, 95.0], [70.0, 10.0, 125.0, 60.0], [30.0, 30.0, 60.0, 60.0]],
+        &[
+            [5.0, 50.0, 70.0, 95.0],
+            [70.0, 10.0, 125.0, 60.0],
+            [30.0, 30.0, 60.0, 60.0],
+        ],
         &[[60.0, 40.0, 110.0, 80.0], [10.0, 10.0, 40.0, 30.0]],
     ];
     let gts = boxes
@@ -231,8 +235,16 @@ fn full_and_halves(
     let (a, b) = (rec[0].borrow(), rec[1].borrow());
     assert_eq!(a.len(), b.len(), "ranks must reach the same reductions");
     assert!(!a.is_empty(), "no count reduction was called");
-    let totals = Rc::new(a.iter().zip(b.iter()).map(|(x, y)| x + y).collect::<Vec<_>>());
-    println!("count reductions per forward: {}; local counts {a:?} + {b:?}", a.len());
+    let totals = Rc::new(
+        a.iter()
+            .zip(b.iter())
+            .map(|(x, y)| x + y)
+            .collect::<Vec<_>>(),
+    );
+    println!(
+        "count reductions per forward: {}; local counts {a:?} + {b:?}",
+        a.len()
+    );
     let h0 = run(0, 2, &Counts::Replay(totals.clone()));
     let h1 = run(2, 4, &Counts::Replay(totals));
     (full, [h0, h1])
@@ -397,7 +409,10 @@ fn upernet_four_images_equal_two_ranks_of_two() {
         .lt_tensor(&Tensor::from_slice(&[0.0f32, 0.1, 0.3, 0.6]).view([4, 1, 1]));
     let labels = labels.masked_fill(&ignore, 255);
     let step = |lo: i64, hi: i64| {
-        let l = seg.forward_train(&images.narrow(0, lo, hi - lo), &labels.narrow(0, lo, hi - lo));
+        let l = seg.forward_train(
+            &images.narrow(0, lo, hi - lo),
+            &labels.narrow(0, lo, hi - lo),
+        );
         l.total().backward();
         l.items
             .iter()
@@ -409,7 +424,10 @@ fn upernet_four_images_equal_two_ranks_of_two() {
     let (full, halves) = with_sync_batch_norm(running_stats_bn(calls.clone()), || {
         full_and_halves(&vs, true, true, &step)
     });
-    assert!(calls.get() > 0, "the heads' BN did not go through the SyncBN hook");
+    assert!(
+        calls.get() > 0,
+        "the heads' BN did not go through the SyncBN hook"
+    );
     let lr = loss_rel_diff(&full, &halves, &keys);
     let gr = grad_rel_diff(&full, &halves);
     println!("upernet: loss rel diff {lr:.2e}, grad rel diff {gr:.2e}");
@@ -438,12 +456,15 @@ fn sync_bn_hook_is_used_in_training_only() {
         assert!(p.weight.is_some() && p.bias.is_some());
         x.zeros_like() + 42.0
     };
-    let (train, eval) = with_sync_batch_norm(marker, || {
-        (m.forward_t(&x, true), m.forward_t(&x, false))
-    });
+    let (train, eval) =
+        with_sync_batch_norm(marker, || (m.forward_t(&x, true), m.forward_t(&x, false)));
     assert_eq!(calls.get(), 1, "hook calls (train + eval)");
     // The hook's output went through ReLU; eval used the layer itself.
-    assert!(train.equal(&Tensor::full([2, 4, 8, 8], 42.0, (Kind::Float, Device::Cpu))));
+    assert!(train.equal(&Tensor::full(
+        [2, 4, 8, 8],
+        42.0,
+        (Kind::Float, Device::Cpu)
+    )));
     assert!(!eval.equal(&train));
     // Without the hook training uses local batch statistics, as before.
     let plain = m.forward_t(&x, true);

@@ -2,6 +2,9 @@
 //! overrides, resume, a pretrained backbone, progress, logs, plots and checkpoints.
 
 use crate::engine::config::Config;
+use crate::engine::distributed::DataParallel;
+use cnx_backbone::replica;
+use tch::Tensor;
 use crate::engine::presets;
 use crate::engine::tasks;
 use crate::engine::trainer::{self, RunOptions, Summary};
@@ -40,6 +43,18 @@ pub struct Args {
     /// Print the final summary as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Data-parallel on this machine: run N ranks (processes), one per GPU with CUDA, else N CPU
+    /// processes with Gloo (what `torchrun --nproc-per-node N --no-python cnx train ...` does).
+    /// Each rank runs `data.batch_size` images, so a step sees N x that.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    nproc_per_node: usize,
+    /// Port of the rank-0 store for --nproc-per-node (default: a free one).
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// Collective backend: nccl (CUDA) or gloo (CPU, or CUDA tensors through the host).
+    /// Default: nccl on CUDA devices, gloo on the CPU.
+    #[arg(long)]
+    dist_backend: Option<String>,
 }
 
 /// The config an invocation describes: preset or file, then the explicit flags, then --set.
@@ -64,21 +79,85 @@ pub fn train_config(
     cfg: &Config,
     opts: &RunOptions,
 ) -> Result<(Summary, Box<dyn tasks::DemoTask>)> {
+    train_config_on(cfg, opts, None)
+}
+
+/// [`train_config`] as one rank of a data-parallel run when the environment describes one
+/// (torchrun, SLURM or `--nproc-per-node`); `backend` overrides NCCL/Gloo.
+pub fn train_config_on(
+    cfg: &Config,
+    opts: &RunOptions,
+    backend: Option<&str>,
+) -> Result<(Summary, Box<dyn tasks::DemoTask>)> {
     cfg.validate()?;
-    let device = crate::device::resolve(&cfg.runtime.device)?;
+    let env = cnx_dist::DistEnv::from_env()?;
+    let device = match &env {
+        Some(e) => crate::engine::distributed::rank_device(&cfg.runtime.device, e)?,
+        None => crate::device::resolve(&cfg.runtime.device)?,
+    };
     if cfg.runtime.threads > 0 {
         tch::set_num_threads(cfg.runtime.threads);
     }
     // Model config errors and missing data come before any work.
     tasks::check_model(cfg)?;
+    let mut dp = DataParallel::from_env(backend, device)?;
     // Model initialisation draws from libtorch's generator: seed it so a run is repeatable.
     tch::manual_seed(cfg.runtime.seed as i64);
     let mut task = tasks::build(cfg, device)?;
-    let summary = trainer::train(cfg, task.as_train(), device, opts)?;
+    if let Some(d) = &dp {
+        task.as_train().set_replica(d.rank(), d.world())?;
+    }
+    let summary = match dp.as_mut() {
+        None => trainer::train(cfg, task.as_train(), device, opts)?,
+        Some(d) => {
+            let (pg, world) = (d.pg.clone(), d.world());
+            // Batch-mean losses divide by counts summed over the ranks, and the heads' SyncBN
+            // layers normalise with statistics over the global batch (see
+            // cnx_backbone::replica): then N ranks x k images train as 1 process x N.k.
+            let (count_pg, bn_pg) = (pg.clone(), pg.clone());
+            let reduce = move |t: &Tensor| {
+                let t = t.detach().copy();
+                if let Err(e) = count_pg.all_reduce_sum(std::slice::from_ref(&t)) {
+                    panic!("loss normaliser all-reduce: {e}");
+                }
+                t
+            };
+            let sync_bn = move |x: &Tensor, p: &replica::BatchNormParams| {
+                cnx_dist::sync_batch_norm(
+                    &bn_pg,
+                    x,
+                    p.weight,
+                    p.bias,
+                    p.running_mean,
+                    p.running_var,
+                    p.momentum,
+                    p.eps,
+                )
+                .unwrap_or_else(|e| panic!("SyncBN: {e}"))
+            };
+            replica::with_count_reducer(world, reduce, || {
+                replica::with_sync_batch_norm(sync_bn, || {
+                    trainer::train_replica(cfg, task.as_train(), device, opts, Some(d))
+                })
+            })?
+        }
+    };
     Ok((summary, task))
 }
 
 pub fn run(args: Args) -> Result<()> {
+    // `--nproc-per-node N` launches the ranks (each sees RANK etc. and trains); a rank started
+    // by torchrun / SLURM / this launcher trains directly.
+    if args.nproc_per_node > 1 && std::env::var_os("CNX_LAUNCHED").is_none() {
+        if cnx_dist::DistEnv::from_env()?.is_some() {
+            bail!("--nproc-per-node inside a torchrun / SLURM job: let the launcher start the ranks");
+        }
+        let port = match args.master_port {
+            Some(p) => p,
+            None => crate::engine::distributed::free_port()?,
+        };
+        return crate::engine::distributed::spawn_local(args.nproc_per_node, port);
+    }
     let mut sets = vec![];
     if let Some(p) = &args.pretrained {
         if !p.exists() {
@@ -104,7 +183,15 @@ pub fn run(args: Args) -> Result<()> {
         no_eval: args.no_eval,
         ..Default::default()
     };
-    let (s, _task) = train_config(&cfg, &opts)?;
+    let (s, _task) = train_config_on(&cfg, &opts, args.dist_backend.as_deref())?;
+    // One writer: the other ranks of a data-parallel run end quietly.
+    let main = cnx_dist::DistEnv::from_env()?.is_none_or(|e| e.is_main());
+    if !main {
+        if s.interrupted {
+            std::process::exit(130);
+        }
+        return Ok(());
+    }
     if args.json {
         let v = serde_json::json!({
             "iter": s.iter,

@@ -33,6 +33,14 @@ pub struct ResumeState {
     /// File names (in the same directory) of the weights and the optimizer moments.
     pub weights: String,
     pub optimizer: String,
+    /// Data-parallel ranks of the run that wrote it (images per step = batch x ranks x accum);
+    /// 1 for single-process runs and checkpoints from before data parallelism.
+    #[serde(default = "one")]
+    pub world_size: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// Write `bytes` to `path` atomically; on error the temporary file is removed again.
@@ -561,6 +569,7 @@ mod tests {
 
     fn state(it: u64) -> ResumeState {
         ResumeState {
+            world_size: 1,
             iter: it,
             epoch: 0,
             iter_in_epoch: it,

@@ -17,7 +17,9 @@ pub struct Point {
 
 /// Append-only JSONL log plus the in-memory history the plot is drawn from.
 pub struct RunLog {
-    file: std::fs::File,
+    /// `None` for a process that keeps the history but writes nothing (data-parallel ranks
+    /// other than 0: one writer per run).
+    file: Option<std::fs::File>,
     pub train: Vec<Point>,
     pub val: Vec<Point>,
 }
@@ -58,7 +60,28 @@ impl RunLog {
         }
         std::fs::write(&path, keep).with_context(|| format!("writing {}", path.display()))?;
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
-        Ok(Self { file, train, val })
+        Ok(Self {
+            file: Some(file),
+            train,
+            val,
+        })
+    }
+
+    /// A log that writes no file (the ranks of a data-parallel run other than 0).
+    pub fn in_memory() -> Self {
+        Self {
+            file: None,
+            train: Vec::new(),
+            val: Vec::new(),
+        }
+    }
+
+    fn write_line(&mut self, obj: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+        if let Some(f) = &mut self.file {
+            writeln!(f, "{}", serde_json::Value::Object(obj))?;
+            f.flush()?;
+        }
+        Ok(())
     }
 
     /// Log one line; `mode` is "train" or "val". Non-numeric extras go in `extra`.
@@ -83,8 +106,7 @@ impl RunLog {
         for (k, v) in extra {
             obj.insert((*k).into(), v.clone());
         }
-        writeln!(self.file, "{}", serde_json::Value::Object(obj))?;
-        self.file.flush()?;
+        self.write_line(obj)?;
         let p = Point {
             iter,
             values: values.clone(),
@@ -110,9 +132,7 @@ impl RunLog {
         for (k, v) in fields {
             obj.insert((*k).into(), v.clone());
         }
-        writeln!(self.file, "{}", serde_json::Value::Object(obj))?;
-        self.file.flush()?;
-        Ok(())
+        self.write_line(obj)
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod amp;
 pub mod checkpoint;
 pub mod config;
+pub mod distributed;
 pub mod log;
 pub mod optim;
 pub mod presets;

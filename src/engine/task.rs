@@ -40,6 +40,15 @@ pub trait TrainTask {
     fn take_broken(&mut self) -> Vec<cnx_datasets::loader::BrokenSample> {
         Vec::new()
     }
+    /// Make this task rank `rank` of `world` data-parallel replicas: its data becomes that
+    /// rank's slice of every global batch of `images_per_batch() x world` images, and
+    /// `batches_per_epoch` counts global batches.
+    fn set_replica(&mut self, _rank: usize, world: usize) -> Result<()> {
+        if world > 1 {
+            anyhow::bail!("this task cannot train data-parallel");
+        }
+        Ok(())
+    }
     /// Copy a pretrained backbone into the model (called once at start, not on resume).
     fn load_pretrained(&mut self, _path: &Path) -> Result<String> {
         anyhow::bail!("this model cannot load a pretrained backbone")

@@ -279,6 +279,14 @@ fn loader_config(cfg: &Config) -> LoaderConfig {
     }
 }
 
+/// Global batches per epoch as the loader's group sampler makes them (per aspect group) at
+/// `global_batch` images per step.
+fn epoch_batches<S: cnx_datasets::Source>(source: &S, global_batch: usize) -> u64 {
+    let g1 = (0..source.len()).filter(|&i| source.group(i) == 1).count();
+    let g0 = source.len() - g1;
+    (g0.div_ceil(global_batch) + g1.div_ceil(global_batch)) as u64
+}
+
 /// The error a training batch failed with, as `cnx train` reports it.
 fn train_data_error(e: cnx_datasets::DatasetError) -> anyhow::Error {
     if e.is_unreadable_input() {
@@ -363,14 +371,7 @@ impl DetTask {
         let model = build_detector(&vs.root(), cfg)?;
         let loader_cfg = loader_config(cfg);
         let bs = cfg.data.batch_size;
-        // Batches per epoch as the loader's group sampler makes them (per aspect group).
-        let batches = {
-            let g1 = (0..cnx_datasets::Source::len(&*source))
-                .filter(|&i| cnx_datasets::Source::group(&*source, i) == 1)
-                .count();
-            let g0 = cnx_datasets::Source::len(&*source) - g1;
-            (g0.div_ceil(bs) + g1.div_ceil(bs)) as u64
-        };
+        let batches = epoch_batches(&*source, bs);
         Ok(Self {
             classes,
             category_ids,
@@ -404,6 +405,13 @@ impl DetTask {
 }
 
 impl TrainTask for DetTask {
+    fn set_replica(&mut self, rank: usize, world: usize) -> Result<()> {
+        self.loader_cfg.replicas = world;
+        self.loader_cfg.rank = rank;
+        self.batches = epoch_batches(&*self.source, self.batch_size * world);
+        self.loader = None;
+        Ok(())
+    }
     fn class_names(&self) -> Vec<String> {
         self.classes.clone()
     }
@@ -675,7 +683,7 @@ impl SegTask {
             device,
             batch_size: bs,
             loader_cfg: loader_config(cfg),
-            batches: train.len().div_ceil(bs) as u64,
+            batches: epoch_batches(&*source, bs),
             source,
             loader: None,
             next_pos: (u64::MAX, 0),
@@ -699,6 +707,13 @@ impl SegTask {
 }
 
 impl TrainTask for SegTask {
+    fn set_replica(&mut self, rank: usize, world: usize) -> Result<()> {
+        self.loader_cfg.replicas = world;
+        self.loader_cfg.rank = rank;
+        self.batches = epoch_batches(&*self.source, self.batch_size * world);
+        self.loader = None;
+        Ok(())
+    }
     fn class_names(&self) -> Vec<String> {
         self.classes.clone()
     }

@@ -8,6 +8,7 @@
 
 use super::amp::{self, LossScaler, StepOutcome, MAX_NONFINITE_LOSS_STREAK};
 use super::checkpoint::{self, ResumeState};
+use super::distributed::DataParallel;
 use super::config::{Amp, Config, Task};
 use super::log::{plot_curves, RunLog};
 use super::optim::{build_groups, group_table, AdamW};
@@ -81,7 +82,8 @@ pub fn iteration_seed(seed: u64, iter: u64) -> i64 {
     ((z ^ (z >> 31)) >> 1) as i64
 }
 
-/// The lr actually used at batch size `batch x grad_accum` (linear scaling rule).
+/// The lr actually used at a step of `images_per_batch` images (over all ranks) `x grad_accum`
+/// (linear scaling rule).
 pub fn scaled_lr(cfg: &Config, images_per_batch: usize) -> f64 {
     let total = images_per_batch as f64 * cfg.runtime.grad_accum as f64;
     if cfg.optimizer.scale_lr {
@@ -98,9 +100,25 @@ pub fn train(
     device: Device,
     opts: &RunOptions,
 ) -> Result<Summary> {
+    train_replica(cfg, task, device, opts, None)
+}
+
+/// [`train`] as one rank of a data-parallel run (`dp`; `None` = the only process): the task's
+/// data is this rank's slice of each global batch; gradients are averaged over the ranks after
+/// backward, loss values and stop decisions agreed on; rank 0 alone writes the work dir.
+pub fn train_replica(
+    cfg: &Config,
+    task: &mut dyn TrainTask,
+    device: Device,
+    opts: &RunOptions,
+    mut dp: Option<&mut DataParallel>,
+) -> Result<Summary> {
     let t0 = Instant::now();
     let work_dir = cfg.work_dir();
-    if opts.resume.is_none() {
+    let is_main = dp.as_ref().is_none_or(|d| d.is_main());
+    let world = dp.as_ref().map_or(1, |d| d.world());
+    let quiet = opts.quiet || !is_main;
+    if opts.resume.is_none() && is_main {
         checkpoint::refuse_existing_run(&work_dir)?;
     }
     // The checkpoint to resume from, checked against the config its run was written with
@@ -110,11 +128,13 @@ pub fn train(
         None => None,
     };
     if let Some((st, dir)) = &resumed {
-        refuse_incompatible_resume(cfg, st, dir)?;
+        refuse_incompatible_resume(cfg, st, dir, world as u64)?;
     }
-    std::fs::create_dir_all(&work_dir)
-        .with_context(|| format!("creating work dir {}", work_dir.display()))?;
-    std::fs::write(work_dir.join("config.toml"), cfg.to_toml()?)?;
+    if is_main {
+        std::fs::create_dir_all(&work_dir)
+            .with_context(|| format!("creating work dir {}", work_dir.display()))?;
+        std::fs::write(work_dir.join("config.toml"), cfg.to_toml()?)?;
+    }
     install_ctrlc();
     INTERRUPTED.store(false, Ordering::SeqCst);
     PRESSES.store(0, Ordering::SeqCst);
@@ -141,19 +161,25 @@ pub fn train(
     };
     let stop_at = opts.stop_at.unwrap_or(max_iters).min(max_iters);
     let schedule = Schedule::new(cfg.schedule.clone(), ipe, max_iters);
-    let ipb = task.images_per_batch();
+    // Images per batch over all ranks (the global batch; each rank runs `batch / world`).
+    let ipb = task.images_per_batch() * world;
     let base_lr = scaled_lr(cfg, ipb);
     let say = |s: String| {
-        if !opts.quiet {
+        if !quiet {
             eprintln!("{s}");
         }
     };
     say(format!(
-        "{}: {} iterations ({} per epoch), batch {} x accum {} = {} images/step; lr {:.3e} = {:.3e} x {}/{} (linear scaling)",
+        "{}: {} iterations ({} per epoch), batch {}{} x accum {} = {} images/step; lr {:.3e} = {:.3e} x {}/{} (linear scaling)",
         cfg.name,
         max_iters,
         ipe,
         ipb,
+        if world > 1 {
+            format!(" ({world} ranks x {})", ipb / world)
+        } else {
+            String::new()
+        },
         accum,
         ipb as u64 * accum,
         base_lr,
@@ -180,6 +206,8 @@ pub fn train(
         cfg.optimizer.decay_rate,
         group_table(&groups, &numel)
     ));
+    // The gradients the ranks average, in one fixed order (name order, as the optimizer's).
+    let dp_params: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
     let mut opt = AdamW::new(groups, params, &cfg.optimizer)?;
 
     // Autocast is CUDA-only here (CPU autocast trains slower than fp32 on most CPUs).
@@ -256,18 +284,32 @@ pub fn train(
         let msg = task.load_pretrained(Path::new(&cfg.model.backbone.pretrained))?;
         say(format!("pretrained backbone: {msg}"));
     }
+    if let Some(d) = dp.as_deref() {
+        // Every rank loaded the same files; the broadcast also makes random initialisation equal.
+        d.broadcast_state(task.var_store())?;
+        say(format!(
+            "data parallel: {} ranks ({}), rank 0 writes {}",
+            world,
+            d.pg.backend(),
+            work_dir.display()
+        ));
+    }
     // What every weights file says about its model: the config and the classes.
     let card = checkpoint::ModelCard {
         config: Some(cfg.to_toml()?),
         classes: task.class_names(),
         category_ids: task.category_ids(),
     };
-    let mut log = RunLog::open(&work_dir, Some(start))?;
+    let mut log = if is_main {
+        RunLog::open(&work_dir, Some(start))?
+    } else {
+        RunLog::in_memory()
+    };
     let curves = work_dir.join("curves.png");
 
     let mut epoch = start / data_ipe;
     task.seek(epoch, (start % data_ipe) * accum)?;
-    let pb = if opts.quiet {
+    let pb = if quiet {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(stop_at)
@@ -309,6 +351,7 @@ pub fn train(
                 config_name: cfg.name.clone(),
                 weights: checkpoint::weights_file_name(iter),
                 optimizer: checkpoint::optimizer_file_name(iter),
+                world_size: world as u64,
             };
             let weights = named_weights(task);
             let p = checkpoint::save(&work_dir, &weights, &card, &opt.state_tensors(), &st)?;
@@ -317,7 +360,12 @@ pub fn train(
         };
 
     while iter < stop_at {
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        let stop = INTERRUPTED.load(Ordering::SeqCst);
+        let stop = match dp.as_deref() {
+            Some(d) => d.any(stop)?,
+            None => stop,
+        };
+        if stop {
             interrupted = true;
             break;
         }
@@ -333,8 +381,15 @@ pub fn train(
         let mut terms: BTreeMap<String, f64> = BTreeMap::new();
         // First non-finite loss term of this iteration (fp16 scaler only; otherwise it stops).
         let mut bad_loss: Option<(String, f64)> = None;
-        for _ in 0..accum {
-            let losses = amp::autocast(device, amp_mode, || task.forward_train())?;
+        for micro in 0..accum {
+            let keys = cnx_backbone::replica::BatchKeys {
+                seed: cfg.runtime.seed,
+                iteration: iter * accum + micro,
+                samples: sample_keys(task.images_per_batch(), dp.as_deref()),
+            };
+            let losses = cnx_backbone::replica::with_batch_keys(keys, || {
+                amp::autocast(device, amp_mode, || task.forward_train())
+            })?;
             if losses.is_empty() {
                 bail!("the model returned no loss terms");
             }
@@ -347,6 +402,11 @@ pub fn train(
             )
             .to_device(Device::Cpu);
             let vals: Vec<f64> = Vec::<f64>::try_from(vals.to_kind(Kind::Double))?;
+            // The mean over ranks: what is logged, and one non-finite check for all.
+            let vals = match dp.as_deref() {
+                Some(d) => d.mean(&vals)?,
+                None => vals,
+            };
             if let Some(((name, _), v)) = losses.iter().zip(&vals).find(|(_, v)| !v.is_finite()) {
                 if !scaler.enabled {
                     pb.abandon();
@@ -374,6 +434,11 @@ pub fn train(
                 .unwrap();
             (total * (scaler.scale / accum as f64)).backward();
         }
+        // Gradients averaged once per step (not on accumulation micro-batches), before
+        // unscaling / clipping see them; a lost step still all-reduces so the ranks stay paired.
+        if let Some(d) = dp.as_deref_mut() {
+            d.average_gradients(&dp_params)?;
+        }
         let outcome = if let Some((name, v)) = &bad_loss {
             let streak = scaler.nonfinite_loss();
             nonfinite_in_interval += 1;
@@ -393,7 +458,7 @@ pub fn train(
                     last_good()
                 );
             }
-            if !opts.quiet {
+            if !quiet {
                 let line = format!(
                     "iteration {}: loss term {name} is {v}: step skipped, loss scale backed off to {:e} ({streak} in a row; training stops at {MAX_NONFINITE_LOSS_STREAK})",
                     iter + 1,
@@ -421,7 +486,7 @@ pub fn train(
         pb.set_position(iter);
         // Unreadable images the loader replaced: each named once, here and in log.jsonl.
         for b in task.take_broken() {
-            if !opts.quiet {
+            if !quiet {
                 let line = format!(
                     "warning: unreadable training image {}: {}; replaced by another image of its aspect group (data.strict = true stops instead)",
                     b.file, b.error
@@ -495,7 +560,7 @@ pub fn train(
                 &v,
                 &[("device", device_label.clone().into())],
             )?;
-            if !tty && !opts.quiet {
+            if !tty && !quiet {
                 let short: Vec<String> = v
                     .iter()
                     .filter(|(k, _)| k.starts_with("loss"))
@@ -513,22 +578,25 @@ pub fn train(
             skipped_in_interval = 0;
             nonfinite_in_interval = 0;
             t_log = Instant::now();
-            plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
+            if is_main {
+                plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
+            }
         }
         let ck = cfg.runtime.checkpoint_interval;
-        if ck > 0 && iter.is_multiple_of(ck) && iter < stop_at {
+        if is_main && ck > 0 && iter.is_multiple_of(ck) && iter < stop_at {
             last_weights = Some(save(task, &opt, &scaler, iter)?);
         }
         let ev = cfg.runtime.eval_interval;
-        if !opts.no_eval && ev > 0 && iter.is_multiple_of(ev) && iter < stop_at {
-            metrics = run_eval(task, &work_dir, iter, &mut log, &pb, opts.quiet)?;
-            keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, opts.quiet)?;
+        // Evaluation on rank 0 (the others wait at the next step's first collective).
+        if is_main && !opts.no_eval && ev > 0 && iter.is_multiple_of(ev) && iter < stop_at {
+            metrics = run_eval(task, &work_dir, iter, &mut log, &pb, quiet)?;
+            keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, quiet)?;
             plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
             t_log = Instant::now();
         }
     }
     pb.finish_and_clear();
-    if iter > start || last_weights.is_none() {
+    if is_main && (iter > start || last_weights.is_none()) {
         last_weights = Some(save(task, &opt, &scaler, iter)?);
     }
     if interrupted {
@@ -536,11 +604,13 @@ pub fn train(
             "interrupted at iteration {iter}: checkpoint {} saved; continue with --resume auto",
             last_weights.as_ref().unwrap().display()
         ));
-    } else if !opts.no_eval {
-        metrics = run_eval(task, &work_dir, iter, &mut log, &pb, opts.quiet)?;
-        keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, opts.quiet)?;
+    } else if is_main && !opts.no_eval {
+        metrics = run_eval(task, &work_dir, iter, &mut log, &pb, quiet)?;
+        keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, quiet)?;
     }
-    plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
+    if is_main {
+        plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
+    }
     Ok(Summary {
         iter,
         work_dir,
@@ -552,11 +622,24 @@ pub fn train(
     })
 }
 
+/// Global sample index of each image of this rank's batch (rank r of a world of w with k images
+/// each holds samples r*k .. r*k+k of the global batch): the key of every random draw inside
+/// the model, so a draw does not depend on how the global batch is split.
+fn sample_keys(per_rank: usize, dp: Option<&DataParallel>) -> Vec<u64> {
+    let first = dp.map_or(0, |d| d.rank() * per_rank);
+    (first..first + per_rank).map(|i| i as u64).collect()
+}
+
 /// Refuse to resume what cannot continue: a checkpoint of another config or model (another
 /// config name; another architecture, backbone or class count in the config.toml next to the
 /// checkpoint), or another batch size (images per step: the lr and the data position are counted
 /// in them). A dataset that gained or lost images is not refused (see `data_ipe` in [`train`]).
-fn refuse_incompatible_resume(cfg: &Config, st: &ResumeState, dir: &Path) -> Result<()> {
+fn refuse_incompatible_resume(
+    cfg: &Config,
+    st: &ResumeState,
+    dir: &Path,
+    world: u64,
+) -> Result<()> {
     let what = dir.join(&st.weights);
     if st.config_name != cfg.name {
         bail!(
@@ -593,10 +676,18 @@ fn refuse_incompatible_resume(cfg: &Config, st: &ResumeState, dir: &Path) -> Res
             a.num_classes, b.num_classes
         ));
     }
-    if old.data.batch_size != cfg.data.batch_size {
+    // The global batch (images per step over all ranks): the lr and the data position are
+    // counted in it. How it is split over ranks may change: a 2-rank run with batch 1 resumes
+    // on 1 process with batch 2 and continues the same global sample order.
+    let global = |c: &Config, w: u64| c.data.batch_size as u64 * w;
+    if global(&old, st.world_size) != global(cfg, world) {
         changed.push(format!(
-            "data.batch_size {} -> {}",
-            old.data.batch_size, cfg.data.batch_size
+            "global batch {} -> {} (data.batch_size {} -> {}, ranks {} -> {world})",
+            global(&old, st.world_size),
+            global(cfg, world),
+            old.data.batch_size,
+            cfg.data.batch_size,
+            st.world_size
         ));
     }
     if old.runtime.grad_accum != cfg.runtime.grad_accum {

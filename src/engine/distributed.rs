@@ -1,0 +1,249 @@
+//! Data-parallel training and evaluation across processes, on torch.distributed's own c10d
+//! process groups (`cnx-dist`: NCCL for CUDA devices, Gloo for the CPU).
+//!
+//! One process per device, launched by torchrun (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ...),
+//! by SLURM (`SLURM_PROCID`, ...) or by `cnx train --nproc-per-node N` ([`spawn_local`]). Every
+//! rank builds the same model, receives rank 0's parameters and buffers, trains on its slice of
+//! each global batch (the loader's `replicas`/`rank`), and averages gradients after backward;
+//! rank 0 alone writes checkpoints, logs and plots. Loss values, the non-finite check and a
+//! Ctrl-C are agreed on by all ranks each iteration, so every rank takes the same decisions.
+
+use anyhow::{anyhow, bail, Context, Result};
+use cnx_dist::{Backend, DistEnv, GradBuckets, ProcessGroup};
+use std::rc::Rc;
+use std::time::Duration;
+use tch::{nn, Device, Kind, Tensor};
+
+/// How long a collective may wait for the other ranks (rank 0 evaluating while the others wait
+/// at the next step included): torch.distributed's default, or `CNX_DIST_TIMEOUT` seconds.
+fn timeout() -> Duration {
+    let secs = std::env::var("CNX_DIST_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1800);
+    Duration::from_secs(secs.max(1))
+}
+
+/// This process's place in a data-parallel run and its process group.
+pub struct DataParallel {
+    pub env: DistEnv,
+    pub pg: Rc<ProcessGroup>,
+    buckets: Option<GradBuckets>,
+}
+
+impl std::fmt::Debug for DataParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DataParallel(rank {} of {}, {})",
+            self.env.rank,
+            self.env.world_size,
+            self.pg.backend()
+        )
+    }
+}
+
+/// The device of a rank: `auto` / `cuda` mean this node's `cuda:LOCAL_RANK` (one process per
+/// GPU), `cuda:N` is taken as given, `cpu` stays the CPU.
+pub fn rank_device(spec: &str, env: &DistEnv) -> Result<Device> {
+    use crate::device::Spec;
+    let cuda = crate::device::cuda_device_count();
+    let spec = match crate::device::parse_spec(spec)? {
+        Spec::Auto if cuda > 0 => Spec::Cuda(env.local_rank),
+        Spec::Cuda(0) if spec.trim() == "cuda" => Spec::Cuda(env.local_rank),
+        s => s,
+    };
+    crate::device::select(spec, cuda)
+}
+
+impl DataParallel {
+    /// Join the run the environment describes (`None` when this is a single-process run).
+    /// `backend`: `--dist-backend`, else NCCL for CUDA devices and Gloo for the CPU.
+    pub fn from_env(backend: Option<&str>, device: Device) -> Result<Option<DataParallel>> {
+        let Some(env) = DistEnv::from_env()? else {
+            return Ok(None);
+        };
+        let backend = match backend {
+            Some(b) => b.parse::<Backend>().map_err(|e| anyhow!("--dist-backend: {e}"))?,
+            None => Backend::for_device(device),
+        };
+        if backend == Backend::Nccl && !device.is_cuda() {
+            bail!("the NCCL backend needs CUDA devices; use --dist-backend gloo for the CPU");
+        }
+        let pg = ProcessGroup::new(backend, &env, timeout()).with_context(|| {
+            format!(
+                "rank {} of {}: joining the process group at {}:{} ({backend})",
+                env.rank, env.world_size, env.master_addr, env.master_port
+            )
+        })?;
+        Ok(Some(DataParallel {
+            env,
+            pg: Rc::new(pg),
+            buckets: None,
+        }))
+    }
+
+    pub fn rank(&self) -> usize {
+        self.env.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.env.world_size
+    }
+
+    pub fn is_main(&self) -> bool {
+        self.env.rank == 0
+    }
+
+    fn context(&self, what: &str) -> String {
+        format!(
+            "rank {} of {}: {what} (another rank failed or stopped; its own message names the \
+             cause)",
+            self.env.rank, self.env.world_size
+        )
+    }
+
+    /// Every variable (parameters and buffers) of `vs` set to rank 0's values, so all replicas
+    /// start identical whatever their initialisation drew.
+    pub fn broadcast_state(&self, vs: &nn::VarStore) -> Result<()> {
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let ts: Vec<Tensor> = vars.into_iter().map(|(_, t)| t.detach()).collect();
+        tch::no_grad(|| self.pg.broadcast(&ts, 0)).with_context(|| self.context("broadcast"))
+    }
+
+    /// Average the gradients of `params` (the optimizer's trainable parameters, in the same
+    /// order on every rank) over the ranks, in ~25 MB buckets.
+    pub fn average_gradients(&mut self, params: &[Tensor]) -> Result<()> {
+        let buckets = self.buckets.get_or_insert_with(|| GradBuckets::new(params));
+        buckets
+            .all_reduce_grads(&self.pg)
+            .with_context(|| format!("rank {}: gradient all-reduce", self.env.rank))
+    }
+
+    /// The mean over the ranks of each value (loss terms for the log; a non-finite value on any
+    /// rank makes the mean non-finite everywhere, so every rank takes the same decision).
+    pub fn mean(&self, vals: &[f64]) -> Result<Vec<f64>> {
+        let t = Tensor::from_slice(vals)
+            .to_kind(Kind::Double)
+            .to_device(self.pg.device());
+        self.pg
+            .all_reduce_sum(std::slice::from_ref(&t))
+            .with_context(|| self.context("loss all-reduce"))?;
+        let s = Vec::<f64>::try_from(t.to_device(Device::Cpu))?;
+        Ok(s.into_iter().map(|v| v / self.world() as f64).collect())
+    }
+
+    /// True on every rank when `flag` is true on any (a Ctrl-C seen by one process stops all
+    /// at the same iteration).
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        Ok(self.mean(&[flag as u8 as f64])?[0] > 0.0)
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        self.pg.barrier().with_context(|| self.context("barrier"))
+    }
+
+    /// Every rank's bytes, in rank order (evaluation results gathered for rank 0).
+    pub fn gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.pg
+            .all_gather_bytes(bytes)
+            .with_context(|| self.context("gathering results"))
+    }
+}
+
+/// `cnx train --nproc-per-node N`: run this same command line as N local ranks (torchrun's
+/// variables, master 127.0.0.1:`port`), wait, and stop them all as soon as one fails, naming
+/// the rank and its exit status. Ctrl-C reaches every rank (same process group), which save and
+/// stop together; this process only waits for them.
+pub fn spawn_local(n: usize, port: u16) -> Result<()> {
+    use std::process::{Child, Command};
+    // The ranks handle Ctrl-C; the launcher must outlive them to report.
+    let _ = ctrlc::set_handler(|| {});
+    let exe = std::env::current_exe().context("locating the cnx binary")?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    for rank in 0..n {
+        let child = Command::new(&exe)
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("CNX_LAUNCHED", "1")
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"))?;
+        children.push((rank, child));
+    }
+    let mut failed: Option<(usize, String)> = None;
+    let mut codes: Vec<Option<std::process::ExitStatus>> = vec![None; n];
+    while codes.iter().any(Option::is_none) {
+        for (rank, c) in children.iter_mut() {
+            if codes[*rank].is_none() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    codes[*rank] = Some(st);
+                    if failed.is_none() && !st.success() && st.code() != Some(130) {
+                        failed = Some((*rank, describe_exit(st)));
+                    }
+                }
+            }
+        }
+        if failed.is_some() {
+            // One rank is gone: the others cannot finish a step; stop them now rather than at
+            // their next collective's timeout.
+            for (rank, c) in children.iter_mut() {
+                if codes[*rank].is_none() {
+                    terminate(c);
+                    codes[*rank] = c.try_wait().ok().flatten();
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let interrupted = codes.iter().any(|c| c.and_then(|s| s.code()) == Some(130));
+    match failed {
+        Some((rank, why)) => bail!(
+            "rank {rank} of {n} failed ({why}); the other ranks were stopped. The last complete \
+             checkpoint in the work dir is intact: continue with --resume auto"
+        ),
+        None if interrupted => std::process::exit(130),
+        None => Ok(()),
+    }
+}
+fn describe_exit(st: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "unknown exit".into(),
+    }
+}
+
+/// SIGTERM, then SIGKILL after a grace period.
+fn terminate(c: &mut std::process::Child) {
+    let pid = c.id() as i32;
+    // SAFETY: kill(2) on a child we started and have not reaped.
+    unsafe {
+        libc_kill(pid, 15);
+    }
+    for _ in 0..50 {
+        if matches!(c.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.kill();
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// A free TCP port on 127.0.0.1 for a local run's store.
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
