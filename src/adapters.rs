@@ -54,9 +54,19 @@ pub fn batch_inputs(batch: &DetBatch, device: Device) -> (Tensor, Vec<ImgMeta>) 
     (images, batch.metas.iter().map(img_meta).collect())
 }
 
-/// [`TwoStageDetector::forward_train`] on a detection batch (moved to `device`).
+/// [`TwoStageDetector::forward_train`] on a detection batch (moved to `device`), padded to the
+/// data-parallel global batch's shape when ranks agree on one
+/// ([`crate::engine::distributed::agreed_batch_shape`]).
 pub fn forward_train_batch(det: &TwoStageDetector, batch: &DetBatch, device: Device) -> Losses {
     let (images, metas) = batch_inputs(batch, device);
+    let s = images.size();
+    let [h, w] = crate::engine::distributed::agreed_batch_shape([s[2], s[3]]);
+    // Zero padding at the bottom/right, as the collate pads (zeros after normalisation).
+    let images = if [h, w] != [s[2], s[3]] {
+        images.constant_pad_nd([0, w - s[3], 0, h - s[2]])
+    } else {
+        images
+    };
     let gts: Vec<GtInstances> = batch
         .targets
         .iter()

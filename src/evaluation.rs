@@ -1,7 +1,9 @@
 //! COCO evaluation of a detector, one loop for every caller: `cnx test`, the training tasks'
 //! validation and the demo. Batches of test-pipeline images (padded together as mmdet does),
 //! unreadable images skipped and named, detections as COCO result records, then cnx-eval's
-//! COCOeval (pycocotools' numbers) against the whole annotation file.
+//! COCOeval (pycocotools' numbers) against the whole annotation file. Under data parallel
+//! ([`Shard`]) each rank runs every world-th image and rank 0 gathers the records back into the
+//! single-process order, so the numbers are exactly a single process's.
 
 use crate::results::{to_coco, CocoResult};
 use anyhow::{Context, Result};
@@ -12,8 +14,54 @@ use cnx_eval::coco::{evaluate, parse_results, CocoGt, IouType, Summary};
 use cnx_heads::TwoStageDetector;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 use tch::Device;
+
+/// One rank's part of a sharded evaluation: batches (or images) `i % world == rank`, results
+/// gathered to every rank (rank 0 evaluates and writes).
+#[derive(Clone)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+    gather: Rc<dyn Fn(&[u8]) -> Result<Vec<Vec<u8>>>>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Shard({} of {})", self.rank, self.world)
+    }
+}
+
+impl Shard {
+    /// `gather` returns every rank's bytes in rank order (an all-gather).
+    pub fn new(
+        rank: usize,
+        world: usize,
+        gather: impl Fn(&[u8]) -> Result<Vec<Vec<u8>>> + 'static,
+    ) -> Self {
+        Shard {
+            rank,
+            world,
+            gather: Rc::new(gather),
+        }
+    }
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+    /// Whether item (batch or image) `i` is this rank's.
+    pub fn owns(&self, i: usize) -> bool {
+        i % self.world == self.rank
+    }
+    /// Every rank's `value`, in rank order.
+    pub fn gather<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        value: &T,
+    ) -> Result<Vec<T>> {
+        let all = (self.gather)(&serde_json::to_vec(value)?)?;
+        all.iter().map(|b| Ok(serde_json::from_slice(b)?)).collect()
+    }
+}
 
 /// How [`coco_inference`] runs.
 #[derive(Debug, Clone)]
@@ -28,6 +76,8 @@ pub struct InferenceOpts {
     pub device: Device,
     /// A progress bar with images/s on stderr.
     pub progress: bool,
+    /// This rank's share under data parallel (`None`: every image).
+    pub shard: Option<Shard>,
 }
 
 /// What a pass over a dataset produced.
@@ -57,7 +107,15 @@ pub fn coco_inference(
     let mut batches = TestIter::new(ds.clone(), opts.pipeline.clone(), opts.batch_size);
     batches.skip_broken = true;
     batches.limit = opts.limit;
+    batches.shard = opts.shard.as_ref().map(|s| (s.rank, s.world));
     let n = opts.limit.unwrap_or(usize::MAX).min(ds.images.len());
+    let n = match &opts.shard {
+        // This rank's batches' images (the progress bar's length).
+        Some(s) => (0..n)
+            .filter(|i| s.owns(i / opts.batch_size.max(1)))
+            .count(),
+        None => n,
+    };
     let pb = if opts.progress {
         let pb = ProgressBar::new(n as u64);
         pb.set_style(
@@ -90,6 +148,45 @@ pub fn coco_inference(
     }
     pb.finish_and_clear();
     out.skipped = batches.skipped;
+    match &opts.shard {
+        None => Ok(out),
+        Some(s) => gather_shards(s, ds, out),
+    }
+}
+
+/// Every rank's records and skipped images, in the order one process makes them: by dataset
+/// position, each image's records as its rank produced them (COCOeval's stable sort by score
+/// keeps ties in this order, so the numbers equal a single process's exactly).
+fn gather_shards(s: &Shard, ds: &CocoDataset, mine: CocoInference) -> Result<CocoInference> {
+    type Part = (Vec<CocoResult>, usize, Vec<(usize, String, String)>);
+    let part: Part = (
+        mine.results,
+        mine.images,
+        mine.skipped
+            .into_iter()
+            .map(|b| (b.index, b.file, b.error))
+            .collect(),
+    );
+    let parts = s.gather(&part)?;
+    let position: std::collections::HashMap<i64, usize> = ds
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, im)| (im.id, i))
+        .collect();
+    let mut out = CocoInference::default();
+    for (results, images, skipped) in parts {
+        out.results.extend(results);
+        out.images += images;
+        out.skipped.extend(
+            skipped
+                .into_iter()
+                .map(|(index, file, error)| BrokenSample { index, file, error }),
+        );
+    }
+    out.results
+        .sort_by_key(|r| position.get(&r.image_id).copied().unwrap_or(usize::MAX));
+    out.skipped.sort_by_key(|b| b.index);
     Ok(out)
 }
 
@@ -106,6 +203,64 @@ pub fn report_skipped(skipped: &[BrokenSample], what: &str) -> usize {
         );
     }
     skipped.len()
+}
+
+/// The per-class areas of every rank's share added up (they are sums, so rank 0 gets a single
+/// process's counts exactly) with every rank's skipped images in dataset order; `None` on the
+/// other ranks.
+pub fn gather_miou(
+    shard: &Shard,
+    acc: &cnx_eval::miou::Accumulator,
+    skipped: &[BrokenSample],
+) -> Result<Option<(cnx_eval::miou::Accumulator, Vec<BrokenSample>)>> {
+    type Part = (
+        Vec<u64>,
+        Vec<u64>,
+        Vec<u64>,
+        Vec<u64>,
+        usize,
+        Vec<(usize, String, String)>,
+    );
+    let part: Part = (
+        acc.intersect.clone(),
+        acc.union.clone(),
+        acc.pred_area.clone(),
+        acc.label_area.clone(),
+        acc.num_images,
+        skipped
+            .iter()
+            .map(|b| (b.index, b.file.clone(), b.error.clone()))
+            .collect(),
+    );
+    let parts = shard.gather(&part)?;
+    if !shard.is_main() {
+        return Ok(None);
+    }
+    let mut all = acc.clone();
+    all.intersect.iter_mut().for_each(|v| *v = 0);
+    all.union.iter_mut().for_each(|v| *v = 0);
+    all.pred_area.iter_mut().for_each(|v| *v = 0);
+    all.label_area.iter_mut().for_each(|v| *v = 0);
+    all.num_images = 0;
+    let mut broken = Vec::new();
+    for (i, u, p, l, n, sk) in parts {
+        let mut a = all.clone();
+        (
+            a.intersect,
+            a.union,
+            a.pred_area,
+            a.label_area,
+            a.num_images,
+        ) = (i, u, p, l, n);
+        all.merge(&a);
+        broken.extend(sk.into_iter().map(|(index, file, error)| BrokenSample {
+            index,
+            file,
+            error,
+        }));
+    }
+    broken.sort_by_key(|b| b.index);
+    Ok(Some((all, broken)))
 }
 
 /// Write `results` to `out` and evaluate them against all of `ann`'s ground truth (skipped or
@@ -173,6 +328,7 @@ mod tests {
                 limit: None,
                 device: Device::Cpu,
                 progress: false,
+                shard: None,
             };
             coco_inference(&det, &ds, &opts).unwrap()
         };

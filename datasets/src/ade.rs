@@ -510,6 +510,9 @@ pub struct AdeTestIter {
     ds: Arc<AdeDataset>,
     pub scale: (usize, usize),
     pub reduce_zero_label: bool,
+    /// Only items `i % world == rank` (`(rank, world)`): one rank's share of a sharded
+    /// evaluation.
+    pub shard: Option<(usize, usize)>,
     pos: usize,
 }
 
@@ -519,6 +522,7 @@ impl AdeTestIter {
             ds,
             scale,
             reduce_zero_label: true,
+            shard: None,
             pos: 0,
         }
     }
@@ -561,10 +565,12 @@ pub fn test_item(
 impl Iterator for AdeTestIter {
     type Item = Result<SegTestItem>;
     fn next(&mut self) -> Option<Self::Item> {
-        if self.pos >= self.ds.len() {
+        let (rank, world) = self.shard.unwrap_or((0, 1));
+        // `pos` counts this shard's items: item `rank + pos * world`.
+        let i = rank + self.pos * world.max(1);
+        if i >= self.ds.len() {
             return None;
         }
-        let i = self.pos;
         self.pos += 1;
         Some(test_item(&self.ds, i, self.scale, self.reduce_zero_label))
     }

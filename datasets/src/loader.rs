@@ -565,6 +565,9 @@ pub struct TestIter {
     pub skipped: Vec<BrokenSample>,
     /// Stop after the first `limit` images of the dataset (quick checks); `None` = all.
     pub limit: Option<usize>,
+    /// Only batches `b` with `b % world == rank` (`(rank, world)`): one rank's share of a
+    /// sharded evaluation.
+    pub shard: Option<(usize, usize)>,
 }
 
 impl TestIter {
@@ -578,6 +581,7 @@ impl TestIter {
             skip_broken: false,
             skipped: Vec::new(),
             limit: None,
+            shard: None,
         }
     }
 }
@@ -586,20 +590,26 @@ impl Iterator for TestIter {
     type Item = Result<DetBatch>;
     fn next(&mut self) -> Option<Result<DetBatch>> {
         let n = self.ds.images.len().min(self.limit.unwrap_or(usize::MAX));
+        let (rank, world) = self.shard.unwrap_or((0, 1));
+        let world = world.max(1);
+        // Sharded by batch: batch `b` (images b*bs..) is rank `b % world`'s, so every batch is
+        // padded exactly as one process pads it. `pos` counts this rank's batches.
         loop {
-            if self.pos >= n {
+            let b = rank + self.pos * world;
+            let start = b * self.batch_size;
+            if start >= n {
                 return None;
             }
-            let end = (self.pos + self.batch_size).min(n);
-            let it = self.pos / self.batch_size;
-            let start = self.pos;
-            let results: Vec<Result<DetSample>> = (start..end)
-                .into_par_iter()
-                .map(|i| self.pipeline.run(&self.ds, i, self.with_masks))
+            let end = (start + self.batch_size).min(n);
+            let it = b;
+            self.pos += 1;
+            let idx: Vec<usize> = (start..end).collect();
+            let results: Vec<Result<DetSample>> = idx
+                .par_iter()
+                .map(|&i| self.pipeline.run(&self.ds, i, self.with_masks))
                 .collect();
-            self.pos = end;
             let mut samples = Vec::with_capacity(results.len());
-            for (i, r) in (start..end).zip(results) {
+            for (i, r) in idx.into_iter().zip(results) {
                 match r {
                     Ok(s) => samples.push(s),
                     Err(e) if self.skip_broken && e.is_unreadable_input() => {

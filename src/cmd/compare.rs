@@ -491,6 +491,7 @@ fn evaluate_row(args: &Args, spec: &RowSpec, f: &Path, device: Device) -> Result
                 &out,
                 &[IouType::Bbox],
                 device,
+                None,
             )?;
             Ok(Some(s[0].1.ap * 100.0))
         }
@@ -506,6 +507,7 @@ fn evaluate_row(args: &Args, spec: &RowSpec, f: &Path, device: Device) -> Result
                 aug_test: true,
                 out_dir: None,
                 device,
+                shard: None,
             };
             Ok(Some(crate::cmd::seg::test_with(&o)?.summary.miou))
         }

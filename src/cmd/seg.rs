@@ -44,6 +44,8 @@ pub struct TestOpts {
     /// Where to write the predicted label PNGs (optional).
     pub out_dir: Option<PathBuf>,
     pub device: Device,
+    /// Data parallel: this rank's share of the images (rank 0 reports).
+    pub shard: Option<crate::evaluation::Shard>,
 }
 
 /// Builds the segmentor on `device` and loads `weights` (mmseg UperNet checkpoint layout
@@ -295,7 +297,12 @@ pub fn test_with(o: &TestOpts) -> Result<TestOutcome> {
         ADE20K_CLASSES.iter().map(|s| s.to_string()).collect()
     };
     let mut acc = Accumulator::new(nc, true);
-    let pb = ProgressBar::new(ds.len() as u64);
+    let main = o.shard.as_ref().is_none_or(|s| s.is_main());
+    let pb = if main {
+        ProgressBar::new(ds.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     pb.set_style(
         ProgressStyle::with_template(
             "{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -303,7 +310,10 @@ pub fn test_with(o: &TestOpts) -> Result<TestOutcome> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let (mut evaluated, mut skipped) = (0usize, 0usize);
-    for (ip, lp) in &ds.items {
+    for (i, (ip, lp)) in ds.items.iter().enumerate() {
+        if o.shard.as_ref().is_some_and(|s| !s.owns(i)) {
+            continue;
+        }
         if !lp.exists() {
             pb.suspend(|| {
                 eprintln!(
@@ -353,6 +363,31 @@ pub fn test_with(o: &TestOpts) -> Result<TestOutcome> {
         }
     }
     pb.finish_and_clear();
+    if let Some(s) = &o.shard {
+        // Areas and counts add up over the ranks; the image counts ride along as skipped
+        // entries' count and the accumulator's image count.
+        let missing: Vec<cnx_datasets::loader::BrokenSample> = (0..skipped)
+            .map(|k| cnx_datasets::loader::BrokenSample {
+                index: k,
+                file: String::new(),
+                error: "label missing".into(),
+            })
+            .collect();
+        match crate::evaluation::gather_miou(s, &acc, &missing)? {
+            Some((all, broken)) => {
+                acc = all;
+                skipped = broken.len();
+                evaluated = acc.num_images;
+            }
+            None => {
+                return Ok(TestOutcome {
+                    summary: acc.summary(&names),
+                    evaluated,
+                    skipped_no_label: skipped,
+                })
+            }
+        }
+    }
     if evaluated == 0 {
         bail!("no image with a label to evaluate ({skipped} skipped for a missing label)");
     }
@@ -456,6 +491,7 @@ mod tests {
             aug_test: false,
             out_dir: None,
             device: Device::Cpu,
+            shard: None,
         }
     }
 

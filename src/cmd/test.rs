@@ -73,10 +73,38 @@ pub struct Args {
     /// training log: bbox_mAP, bbox_mAP_50, ..., segm_mAP_l; mIoU, mAcc, aAcc).
     #[arg(long)]
     pub json: bool,
+    /// Evaluate with N local ranks (processes), each running every N-th image; rank 0 gathers
+    /// the results and reports exactly the single-process numbers. Under torchrun / SLURM the
+    /// ranks come from the environment.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub nproc_per_node: usize,
+    /// Port of the rank-0 store for --nproc-per-node (default: a free one).
+    #[arg(long)]
+    pub master_port: Option<u16>,
+    /// Collective backend: nccl or gloo (default: nccl on CUDA devices, gloo on the CPU).
+    #[arg(long)]
+    pub dist_backend: Option<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = crate::device::resolve(&args.device)?;
+    // `--nproc-per-node N` launches N ranks of this command; under torchrun / SLURM / that
+    // launcher each rank runs its share of the images and rank 0 reports.
+    if args.nproc_per_node > 1 && std::env::var_os("CNX_LAUNCHED").is_none() {
+        let port = match args.master_port {
+            Some(p) => p,
+            None => crate::engine::distributed::free_port()?,
+        };
+        return crate::engine::distributed::spawn_local(args.nproc_per_node, port);
+    }
+    let env = cnx_dist::DistEnv::from_env()?;
+    let device = match &env {
+        Some(e) => crate::engine::distributed::rank_device(&args.device, e)?,
+        None => crate::device::resolve(&args.device)?,
+    };
+    let dp =
+        crate::engine::distributed::DataParallel::from_env(args.dist_backend.as_deref(), device)?;
+    let shard = dp.as_ref().map(|d| d.eval_shard());
+    let main = shard.as_ref().is_none_or(|s| s.is_main());
     let src = ModelSource::resolve(
         args.preset.as_deref(),
         args.config.as_deref(),
@@ -99,9 +127,10 @@ pub fn run(args: Args) -> Result<()> {
             aug_test: args.aug_test,
             out_dir: args.out_dir.clone(),
             device,
+            shard,
         };
         let r = crate::cmd::seg::test_with(&o)?;
-        if args.json {
+        if args.json && main {
             let v = serde_json::json!({"task": "seg", "model": src.name(),
                 "images": r.evaluated + r.skipped_no_label, "skipped": r.skipped_no_label,
                 "metrics": r.summary.metrics()});
@@ -140,6 +169,7 @@ pub fn run(args: Args) -> Result<()> {
         &out,
         &types,
         device,
+        shard,
     )? {
         if args.json {
             metrics.extend(summary.metrics(t.name()));
@@ -148,7 +178,7 @@ pub fn run(args: Args) -> Result<()> {
             println!("{}", summary.format_pycocotools());
         }
     }
-    if args.json {
+    if args.json && main {
         let v = serde_json::json!({"task": "det", "model": src.name(), "results": out,
             "metrics": metrics});
         println!("{v}");
@@ -170,7 +200,9 @@ pub fn coco_test(
     out: &Path,
     types: &[IouType],
     device: Device,
+    shard: Option<crate::evaluation::Shard>,
 ) -> Result<Vec<(IouType, Summary)>> {
+    let main = shard.as_ref().is_none_or(|s| s.is_main());
     let ds = Arc::new(
         CocoDataset::load(ann, img_dir).with_context(|| format!("reading {}", ann.display()))?,
     );
@@ -179,9 +211,13 @@ pub fn coco_test(
         batch_size,
         limit,
         device,
-        progress: true,
+        progress: main,
+        shard,
     };
     let r = coco_inference(det, &ds, &opts).with_context(|| ann.display().to_string())?;
+    if !main {
+        return Ok(Vec::new());
+    }
     crate::evaluation::report_skipped(&r.skipped, "");
     eprintln!(
         "{} detections on {} images → {}",

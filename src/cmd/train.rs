@@ -3,13 +3,13 @@
 
 use crate::engine::config::Config;
 use crate::engine::distributed::DataParallel;
-use cnx_backbone::replica;
-use tch::Tensor;
 use crate::engine::presets;
 use crate::engine::tasks;
 use crate::engine::trainer::{self, RunOptions, Summary};
 use anyhow::{bail, Result};
+use cnx_backbone::replica;
 use std::path::PathBuf;
+use tch::Tensor;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -106,11 +106,13 @@ pub fn train_config_on(
     let mut task = tasks::build(cfg, device)?;
     if let Some(d) = &dp {
         task.as_train().set_replica(d.rank(), d.world())?;
+        task.as_train().set_eval_shard(d.eval_shard());
     }
     let summary = match dp.as_mut() {
         None => trainer::train(cfg, task.as_train(), device, opts)?,
         Some(d) => {
             let (pg, world) = (d.pg.clone(), d.world());
+            let agree = d.shape_agreement();
             // Batch-mean losses divide by counts summed over the ranks, and the heads' SyncBN
             // layers normalise with statistics over the global batch (see
             // cnx_backbone::replica): then N ranks x k images train as 1 process x N.k.
@@ -137,7 +139,9 @@ pub fn train_config_on(
             };
             replica::with_count_reducer(world, reduce, || {
                 replica::with_sync_batch_norm(sync_bn, || {
-                    trainer::train_replica(cfg, task.as_train(), device, opts, Some(d))
+                    crate::engine::distributed::with_batch_shape_agreement(agree, || {
+                        trainer::train_replica(cfg, task.as_train(), device, opts, Some(d))
+                    })
                 })
             })?
         }
@@ -150,7 +154,9 @@ pub fn run(args: Args) -> Result<()> {
     // by torchrun / SLURM / this launcher trains directly.
     if args.nproc_per_node > 1 && std::env::var_os("CNX_LAUNCHED").is_none() {
         if cnx_dist::DistEnv::from_env()?.is_some() {
-            bail!("--nproc-per-node inside a torchrun / SLURM job: let the launcher start the ranks");
+            bail!(
+                "--nproc-per-node inside a torchrun / SLURM job: let the launcher start the ranks"
+            );
         }
         let port = match args.master_port {
             Some(p) => p,

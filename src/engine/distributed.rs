@@ -64,7 +64,9 @@ impl DataParallel {
             return Ok(None);
         };
         let backend = match backend {
-            Some(b) => b.parse::<Backend>().map_err(|e| anyhow!("--dist-backend: {e}"))?,
+            Some(b) => b
+                .parse::<Backend>()
+                .map_err(|e| anyhow!("--dist-backend: {e}"))?,
             None => Backend::for_device(device),
         };
         if backend == Backend::Nccl && !device.is_cuda() {
@@ -246,4 +248,60 @@ extern "C" {
 pub fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
+}
+
+thread_local! {
+    static BATCH_SHAPE: std::cell::RefCell<Option<Rc<dyn Fn([i64; 2]) -> [i64; 2]>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the ranks agreeing on each training batch's padded shape: `agree` maps this
+/// rank's (H, W) to the largest over the ranks. A single process pads a global batch to its
+/// largest image; ranks that padded only their own slice would see other zeros at the borders
+/// (and other features), so each rank pads its slice to the global batch's shape.
+pub fn with_batch_shape_agreement<R>(
+    agree: impl Fn([i64; 2]) -> [i64; 2] + 'static,
+    f: impl FnOnce() -> R,
+) -> R {
+    let prev = BATCH_SHAPE.with(|c| c.replace(Some(Rc::new(agree))));
+    let out = f();
+    BATCH_SHAPE.with(|c| *c.borrow_mut() = prev);
+    out
+}
+
+/// The padded (H, W) of a training batch whose own padded shape is `local`: the global batch's
+/// under [`with_batch_shape_agreement`], else `local`.
+pub fn agreed_batch_shape(local: [i64; 2]) -> [i64; 2] {
+    let agree = BATCH_SHAPE.with(|c| c.borrow().clone());
+    agree.map_or(local, |a| a(local))
+}
+
+impl DataParallel {
+    /// This rank's share of a sharded evaluation (results gathered over the group).
+    pub fn eval_shard(&self) -> crate::evaluation::Shard {
+        let pg = self.pg.clone();
+        let rank = self.env.rank;
+        crate::evaluation::Shard::new(rank, self.env.world_size, move |b: &[u8]| {
+            pg.all_gather_bytes(b)
+                .with_context(|| format!("rank {rank}: gathering evaluation results"))
+        })
+    }
+
+    /// The closure for [`with_batch_shape_agreement`]: the element-wise max over the ranks.
+    pub fn shape_agreement(&self) -> impl Fn([i64; 2]) -> [i64; 2] + 'static {
+        let pg = self.pg.clone();
+        move |hw: [i64; 2]| {
+            let mut bytes = Vec::with_capacity(16);
+            bytes.extend_from_slice(&hw[0].to_le_bytes());
+            bytes.extend_from_slice(&hw[1].to_le_bytes());
+            let all = pg
+                .all_gather_bytes(&bytes)
+                .unwrap_or_else(|e| panic!("batch shape all-gather: {e}"));
+            all.iter().fold(hw, |m, b| {
+                let h = i64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
+                let w = i64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+                [m[0].max(h), m[1].max(w)]
+            })
+        }
+    }
 }

@@ -49,6 +49,9 @@ pub trait TrainTask {
         }
         Ok(())
     }
+    /// Evaluate data-parallel: this rank runs its share of the validation images, results are
+    /// gathered, and rank 0 alone computes, writes and returns the metrics (others return none).
+    fn set_eval_shard(&mut self, _shard: crate::evaluation::Shard) {}
     /// Copy a pretrained backbone into the model (called once at start, not on resume).
     fn load_pretrained(&mut self, _path: &Path) -> Result<String> {
         anyhow::bail!("this model cannot load a pretrained backbone")

@@ -307,6 +307,8 @@ pub struct DetTask {
     device: Device,
     batch_size: usize,
     loader_cfg: LoaderConfig,
+    /// Data parallel: this rank's share of the validation images.
+    eval_shard: Option<crate::evaluation::Shard>,
     source: Arc<CocoTrain>,
     loader: Option<Loader<CocoTrain>>,
     /// Position (epoch, batch) of the loader's next batch.
@@ -381,6 +383,7 @@ impl DetTask {
             device,
             batch_size: bs,
             loader_cfg,
+            eval_shard: None,
             source,
             loader: None,
             next_pos: (u64::MAX, 0),
@@ -405,6 +408,9 @@ impl DetTask {
 }
 
 impl TrainTask for DetTask {
+    fn set_eval_shard(&mut self, shard: crate::evaluation::Shard) {
+        self.eval_shard = Some(shard);
+    }
     fn set_replica(&mut self, rank: usize, world: usize) -> Result<()> {
         self.loader_cfg.replicas = world;
         self.loader_cfg.rank = rank;
@@ -476,8 +482,12 @@ impl TrainTask for DetTask {
             limit: (self.val_max > 0).then_some(self.val_max),
             device: self.device,
             progress: false,
+            shard: self.eval_shard.clone(),
         };
         let r = crate::evaluation::coco_inference(&self.model, &self.val, &opts)?;
+        if self.eval_shard.as_ref().is_some_and(|s| !s.is_main()) {
+            return Ok(BTreeMap::new());
+        }
         let types = [cnx_eval::coco::IouType::Bbox, cnx_eval::coco::IouType::Segm];
         let summaries = crate::evaluation::coco_evaluate(
             &self.val_ann,
@@ -605,6 +615,8 @@ pub struct SegTask {
     device: Device,
     batch_size: usize,
     loader_cfg: LoaderConfig,
+    /// Data parallel: this rank's share of the validation images.
+    eval_shard: Option<crate::evaluation::Shard>,
     source: Arc<AdeTrain>,
     loader: Option<Loader<AdeTrain>>,
     next_pos: (u64, u64),
@@ -683,6 +695,7 @@ impl SegTask {
             device,
             batch_size: bs,
             loader_cfg: loader_config(cfg),
+            eval_shard: None,
             batches: epoch_batches(&*source, bs),
             source,
             loader: None,
@@ -707,6 +720,9 @@ impl SegTask {
 }
 
 impl TrainTask for SegTask {
+    fn set_eval_shard(&mut self, shard: crate::evaluation::Shard) {
+        self.eval_shard = Some(shard);
+    }
     fn set_replica(&mut self, rank: usize, world: usize) -> Result<()> {
         self.loader_cfg.replicas = world;
         self.loader_cfg.rank = rank;
@@ -779,7 +795,15 @@ impl TrainTask for SegTask {
     fn evaluate(&mut self, _out_dir: &Path) -> Result<BTreeMap<String, f64>> {
         let mut acc = cnx_eval::miou::Accumulator::new(self.num_classes, false);
         let mut skipped = Vec::new();
-        for (n, item) in AdeTestIter::new(self.val.clone(), self.test_scale).enumerate() {
+        let shard = self.eval_shard.clone();
+        let mut items = AdeTestIter::new(self.val.clone(), self.test_scale);
+        if let Some(s) = &shard {
+            items.shard = Some((s.rank, s.world));
+        }
+        let (rank, world) = shard.as_ref().map_or((0, 1), |s| (s.rank, s.world));
+        for (k, item) in items.enumerate() {
+            // The dataset index of this shard's k-th item.
+            let n = rank + k * world;
             if self.val_max > 0 && n >= self.val_max {
                 break;
             }
@@ -800,6 +824,12 @@ impl TrainTask for SegTask {
             };
             let pred = self.predict(&item);
             acc.add(&pred, &item.label.data)?;
+        }
+        if let Some(s) = &shard {
+            match crate::evaluation::gather_miou(s, &acc, &skipped)? {
+                Some((all, broken)) => (acc, skipped) = (all, broken),
+                None => return Ok(BTreeMap::new()),
+            }
         }
         let skipped = crate::evaluation::report_skipped(&skipped, "validation ");
         let names: Vec<String> = if self.val.class_names.len() == self.num_classes {

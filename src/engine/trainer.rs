@@ -8,8 +8,8 @@
 
 use super::amp::{self, LossScaler, StepOutcome, MAX_NONFINITE_LOSS_STREAK};
 use super::checkpoint::{self, ResumeState};
-use super::distributed::DataParallel;
 use super::config::{Amp, Config, Task};
+use super::distributed::DataParallel;
 use super::log::{plot_curves, RunLog};
 use super::optim::{build_groups, group_table, AdamW};
 use super::schedule::Schedule;
@@ -587,11 +587,13 @@ pub fn train_replica(
             last_weights = Some(save(task, &opt, &scaler, iter)?);
         }
         let ev = cfg.runtime.eval_interval;
-        // Evaluation on rank 0 (the others wait at the next step's first collective).
-        if is_main && !opts.no_eval && ev > 0 && iter.is_multiple_of(ev) && iter < stop_at {
-            metrics = run_eval(task, &work_dir, iter, &mut log, &pb, quiet)?;
-            keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, quiet)?;
-            plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
+        // Under data parallel every rank evaluates its share; rank 0 gets the metrics.
+        if !opts.no_eval && ev > 0 && iter.is_multiple_of(ev) && iter < stop_at {
+            metrics = run_eval(task, &work_dir, iter, &mut log, &pb, quiet, is_main)?;
+            if is_main {
+                keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, quiet)?;
+                plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
+            }
             t_log = Instant::now();
         }
     }
@@ -604,9 +606,11 @@ pub fn train_replica(
             "interrupted at iteration {iter}: checkpoint {} saved; continue with --resume auto",
             last_weights.as_ref().unwrap().display()
         ));
-    } else if is_main && !opts.no_eval {
-        metrics = run_eval(task, &work_dir, iter, &mut log, &pb, quiet)?;
-        keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, quiet)?;
+    } else if !opts.no_eval {
+        metrics = run_eval(task, &work_dir, iter, &mut log, &pb, quiet, is_main)?;
+        if is_main {
+            keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, quiet)?;
+        }
     }
     if is_main {
         plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
@@ -754,11 +758,17 @@ fn run_eval(
     log: &mut RunLog,
     pb: &ProgressBar,
     quiet: bool,
+    is_main: bool,
 ) -> Result<BTreeMap<String, f64>> {
     let t = Instant::now();
     let dir = work_dir.join("eval").join(format!("iter_{iter:07}"));
-    std::fs::create_dir_all(&dir)?;
+    if is_main {
+        std::fs::create_dir_all(&dir)?;
+    }
     let m = tch::no_grad(|| task.evaluate(&dir))?;
+    if !is_main {
+        return Ok(m);
+    }
     let secs = t.elapsed().as_secs_f64();
     log.log("val", iter, &m, &[("eval_seconds", secs.into())])?;
     if !quiet {
