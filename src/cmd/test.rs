@@ -90,11 +90,7 @@ pub fn run(args: Args) -> Result<()> {
     // `--nproc-per-node N` launches N ranks of this command; under torchrun / SLURM / that
     // launcher each rank runs its share of the images and rank 0 reports.
     if args.nproc_per_node > 1 && std::env::var_os("CNX_LAUNCHED").is_none() {
-        let port = match args.master_port {
-            Some(p) => p,
-            None => crate::engine::distributed::free_port()?,
-        };
-        return crate::engine::distributed::spawn_local(args.nproc_per_node, port);
+        return crate::engine::distributed::spawn_local(args.nproc_per_node, args.master_port, 0);
     }
     let env = cnx_dist::DistEnv::from_env()?;
     let device = match &env {

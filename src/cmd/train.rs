@@ -48,9 +48,14 @@ pub struct Args {
     /// Each rank runs `data.batch_size` images, so a step sees N x that.
     #[arg(long, value_name = "N", default_value_t = 1)]
     nproc_per_node: usize,
-    /// Port of the rank-0 store for --nproc-per-node (default: a free one).
+    /// Port of the rank-0 store for --nproc-per-node (default: a free one per attempt).
     #[arg(long)]
     master_port: Option<u16>,
+    /// With --nproc-per-node: when a rank fails, restart the whole group up to this many times,
+    /// resuming from the last complete checkpoint (`--resume auto` is added), as
+    /// `torchrun --max-restarts` does.
+    #[arg(long, default_value_t = 0)]
+    max_restarts: u32,
     /// Collective backend: nccl (CUDA) or gloo (CPU, or CUDA tensors through the host).
     /// Default: nccl on CUDA devices, gloo on the CPU.
     #[arg(long)]
@@ -158,11 +163,11 @@ pub fn run(args: Args) -> Result<()> {
                 "--nproc-per-node inside a torchrun / SLURM job: let the launcher start the ranks"
             );
         }
-        let port = match args.master_port {
-            Some(p) => p,
-            None => crate::engine::distributed::free_port()?,
-        };
-        return crate::engine::distributed::spawn_local(args.nproc_per_node, port);
+        return crate::engine::distributed::spawn_local(
+            args.nproc_per_node,
+            args.master_port,
+            args.max_restarts,
+        );
     }
     let mut sets = vec![];
     if let Some(p) = &args.pretrained {

@@ -154,20 +154,63 @@ impl DataParallel {
     }
 }
 
-/// `cnx train --nproc-per-node N`: run this same command line as N local ranks (torchrun's
-/// variables, master 127.0.0.1:`port`), wait, and stop them all as soon as one fails, naming
-/// the rank and its exit status. Ctrl-C reaches every rank (same process group), which save and
+/// `cnx train --nproc-per-node N [--max-restarts R]`: run this same command line as N local
+/// ranks (torchrun's variables, master 127.0.0.1:`port`, a fresh free port per attempt unless
+/// given), wait, and stop them all as soon as one fails, naming the rank and its exit status.
+/// With restarts left the group starts again with `--resume auto` (added when the command has no
+/// `--resume`), continuing from the last complete checkpoint, as `torchrun --max-restarts` does
+/// for a command that resumes. Ctrl-C reaches every rank (same process group), which save and
 /// stop together; this process only waits for them.
-pub fn spawn_local(n: usize, port: u16) -> Result<()> {
-    use std::process::{Child, Command};
+pub fn spawn_local(n: usize, port: Option<u16>, max_restarts: u32) -> Result<()> {
     // The ranks handle Ctrl-C; the launcher must outlive them to report.
     let _ = ctrlc::set_handler(|| {});
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    for attempt in 0..=max_restarts {
+        let port = match port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        match run_group(n, port, &args, attempt)? {
+            None => return Ok(()),
+            Some((rank, why)) if attempt < max_restarts => {
+                eprintln!(
+                    "rank {rank} of {n} failed ({why}); the other ranks were stopped; restarting \
+                     the group from the last complete checkpoint (restart {} of {max_restarts})",
+                    attempt + 1
+                );
+                if !args.iter().any(|a| a == "--resume" || a.starts_with("--resume=")) {
+                    args.extend(["--resume".to_string(), "auto".to_string()]);
+                }
+            }
+            Some((rank, why)) => bail!(
+                "rank {rank} of {n} failed ({why}); the other ranks were stopped{}. The last \
+                 complete checkpoint in the work dir is intact: continue with --resume auto",
+                if max_restarts > 0 {
+                    format!(" (after {max_restarts} restarts)")
+                } else {
+                    String::new()
+                }
+            ),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// One attempt: the ranks' first failure (rank, how), or `None` when all succeeded. Exits 130
+/// when the ranks stopped for a Ctrl-C.
+fn run_group(
+    n: usize,
+    port: u16,
+    args: &[String],
+    attempt: u32,
+) -> Result<Option<(usize, String)>> {
+    use std::process::{Child, Command};
     let exe = std::env::current_exe().context("locating the cnx binary")?;
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let mut children: Vec<(usize, Child)> = Vec::new();
     for rank in 0..n {
         let child = Command::new(&exe)
-            .args(&args)
+            .args(args)
+            .env("TORCHELASTIC_RESTART_COUNT", attempt.to_string())
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
             .env("WORLD_SIZE", n.to_string())
@@ -206,12 +249,9 @@ pub fn spawn_local(n: usize, port: u16) -> Result<()> {
     }
     let interrupted = codes.iter().any(|c| c.and_then(|s| s.code()) == Some(130));
     match failed {
-        Some((rank, why)) => bail!(
-            "rank {rank} of {n} failed ({why}); the other ranks were stopped. The last complete \
-             checkpoint in the work dir is intact: continue with --resume auto"
-        ),
+        Some(f) => Ok(Some(f)),
         None if interrupted => std::process::exit(130),
-        None => Ok(()),
+        None => Ok(None),
     }
 }
 fn describe_exit(st: std::process::ExitStatus) -> String {
