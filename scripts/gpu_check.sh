@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/cnx}
 DRY=${GPU_CHECK_DRY:-0}
 [[ $DRY == 0 ]] && DRY=""
-SECTIONS=(doctor classify backbone train seg_infer det_eval det_predict det_bench)
+SECTIONS=(doctor classify backbone train dist seg_infer det_eval det_predict det_bench)
 
 usage() { echo "usage: [GPU_CHECK_DRY=1] $0 [${SECTIONS[*]}]"; }
 SEL=()
@@ -326,6 +326,43 @@ if det_data; then
 fi
 if seg_data; then
   train_bench upernet_t upernet_convnext_tiny_512_160k 150 "${SEG_SETS[@]}"
+fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Data parallel as PyTorch users launch it: torchrun starts one rank (NCCL on the GPU, Gloo in
+# the dry run) through the agent's store; 20 iterations of the Mask R-CNN preset, throughput next
+# to the single-process run of the train section.
+if want dist; then
+DSTOP=20; [[ -n $DRY ]] && DSTOP=1
+section "torchrun --nproc-per-node 1 --no-python cnx train (NCCL; Gloo in the dry run), $DSTOP it"
+if det_data; then
+  BACKEND=nccl; [[ -n $DRY ]] && BACKEND=gloo
+  rm -rf "$WORK/train_dist"
+  timeout 300 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python \
+    "$BIN" train mask_rcnn_convnext_tiny_3x --device "$DEV" "${DET_SETS[@]}" \
+    --set runtime.log_interval=10 --set runtime.amp=fp16 --stop-at "$DSTOP" --no-eval \
+    --dist-backend "$BACKEND" --work-dir "$WORK/train_dist" > "$WORK/train_dist.out" 2>&1
+  rc=$?
+  if [[ $rc -ne 0 ]]; then
+    fail "torchrun train (rc $rc): $(why "$WORK/train_dist.out")"
+  elif ! grep -q "data parallel: 1 ranks ($BACKEND)" "$WORK/train_dist.out"; then
+    fail "torchrun train: no '$BACKEND' process group in the output"
+  elif has_file "$WORK/train_dist/log.jsonl" "torchrun train log"; then
+    py "$WORK/train_dist/log.jsonl" "$WORK/train_maskrcnn_t/log.jsonl" "$BACKEND" <<'PYEOF' || fail "torchrun train: log"
+import json, os, sys
+def rows(p):
+    if not os.path.exists(p):
+        return []
+    return [r for r in (json.loads(l) for l in open(p) if l.strip()) if r.get("mode") == "train"]
+d = rows(sys.argv[1]); s = rows(sys.argv[2])
+assert d, "no training lines in the torchrun run's log"
+img = d[-1]["images_per_s"]
+ref = s[-1]["images_per_s"] if s else None
+ratio = f", {img / ref:.3f}x the single-process run ({ref:.1f} images/s)" if ref else ""
+print(f"PASS torchrun 1 rank ({sys.argv[3]}): {img:.1f} images/s at iteration {d[-1]['iter']}{ratio}")
+PYEOF
+  fi
 fi
 fi
 
