@@ -24,8 +24,11 @@ use tch::Device;
 pub struct Shard {
     pub rank: usize,
     pub world: usize,
-    gather: Rc<dyn Fn(&[u8]) -> Result<Vec<Vec<u8>>>>,
+    gather: Rc<AllGather>,
 }
+
+/// Every rank's bytes, in rank order.
+type AllGather = dyn Fn(&[u8]) -> Result<Vec<Vec<u8>>>;
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

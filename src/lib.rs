@@ -6,11 +6,13 @@
 //! - `adapters`: dataset structures to the heads' typed inputs, and the one test-time
 //!   preprocessing of an image (the heads crate knows tensors, not datasets).
 //! - `results`: detections as COCO result records; `evaluation`: the one COCO evaluation loop.
+//! - `drawing`: pictures of detections and segmentations.
 //! - `device`: the one `--device` rule.
 
 pub mod adapters;
 pub mod cmd;
 pub mod device;
+pub mod drawing;
 pub mod engine;
 pub mod evaluation;
 pub mod model_source;

@@ -89,11 +89,7 @@ fn a_killed_rank_restarts_the_group_from_the_last_checkpoint_with_the_same_resul
         .args(args(&data, &plain))
         .output()
         .unwrap();
-    assert!(
-        o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let work = d.join("elastic");
     let mut a = args(&data, &work);

@@ -755,8 +755,8 @@ mod replace_tests {
         };
         let (ipe, one) = run(1, 0, 0);
         for replicas in [2, 4] {
-            let ranks: Vec<(usize, Vec<Vec<(usize, u64)>>)> =
-                (0..replicas).map(|r| run(replicas, r, 0)).collect();
+            type Run = (usize, Vec<Vec<(usize, u64)>>);
+            let ranks: Vec<Run> = (0..replicas).map(|r| run(replicas, r, 0)).collect();
             for (r, (ipe_r, batches)) in ranks.iter().enumerate() {
                 assert_eq!(*ipe_r, ipe, "iterations per epoch are the global batch's");
                 assert_eq!(batches.len(), one.len());

@@ -10,7 +10,7 @@ use crate::model_source::ModelSource;
 use crate::results::{to_coco, CocoResult};
 use anyhow::{bail, Context, Result};
 use cnx_datasets::classes::{COCO_CAT_IDS, COCO_CLASSES};
-use cnx_datasets::draw;
+
 use cnx_datasets::image_io;
 use cnx_datasets::pipeline::{normalize_into, pad_up, TestPipeline};
 use cnx_heads::{Detector, DetectorConfig, ImgMeta};
@@ -279,30 +279,10 @@ pub fn run(args: Args) -> Result<()> {
                 cat_ids.get(l as usize).copied().unwrap_or(l)
             });
             // drawing: above --score-thr only
-            let mut canvas = draw::to_rgb_image(img);
-            let masks = d.masks.as_ref().map(|m| {
-                Vec::<u8>::try_from(
-                    &m.to_device(Device::Cpu)
-                        .to_kind(tch::Kind::Uint8)
-                        .contiguous()
-                        .view([-1]),
-                )
-                .unwrap_or_default()
-            });
-            let b = cnx_heads::boxes::to_vec_f32(&d.boxes);
-            let s = cnx_heads::boxes::to_vec_f32(&d.scores);
-            let l = cnx_heads::boxes::to_vec_i64(&d.labels);
-            let hw = img.h * img.w;
-            let inst: Vec<draw::Instance> = (0..s.len())
-                .filter(|&k| s[k] as f64 >= args.score_thr)
-                .map(|k| draw::Instance {
-                    bbox: [b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]],
-                    label: l[k] as usize,
-                    score: Some(s[k]),
-                    mask: masks.as_ref().map(|m| &m[k * hw..(k + 1) * hw]),
-                })
-                .collect();
-            draw::draw_instances(&mut canvas, &inst, &names);
+            let canvas = crate::drawing::detections(img, d, &names, args.score_thr);
+            let n_all = d.scores.size()[0];
+            let n_drawn =
+                i64::try_from(d.scores.ge(args.score_thr).sum(tch::Kind::Int64)).unwrap_or(0);
             let out = input.output(&args.out_dir, ".png")?;
             canvas
                 .save(&out)
@@ -310,8 +290,8 @@ pub fn run(args: Args) -> Result<()> {
             println!(
                 "{}: {} detections ({} drawn, score ≥ {}) in {:.2}s → {}",
                 path.display(),
-                s.len(),
-                inst.len(),
+                n_all,
+                n_drawn,
                 args.score_thr,
                 secs,
                 out.display()

@@ -7,12 +7,12 @@
 use anyhow::{bail, Context, Result};
 use cnx_backbone::checkpoint::{self, LoadOptions};
 use cnx_datasets::ade::AdeDataset;
-use cnx_datasets::classes::{ADE20K_CLASSES, ADE20K_PALETTE};
-use cnx_datasets::draw;
-use cnx_datasets::image_io::{self, Image8};
+use cnx_datasets::classes::ADE20K_CLASSES;
+
+use cnx_datasets::image_io;
 use cnx_eval::miou::Accumulator;
 use cnx_heads::segmentor::{argmax_u8, Segmentor, SegmentorConfig, TestMode};
-use image::{GrayImage, Rgb, RgbImage};
+use image::GrayImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device};
@@ -90,66 +90,7 @@ fn stem(p: &Path) -> String {
         .unwrap_or_else(|| "image".into())
 }
 
-fn class_name(c: usize, names: &[String]) -> String {
-    names
-        .get(c)
-        .cloned()
-        .or_else(|| ADE20K_CLASSES.get(c).map(|s| s.to_string()))
-        .unwrap_or_else(|| c.to_string())
-}
-
-fn color(c: usize) -> [u8; 3] {
-    ADE20K_PALETTE
-        .get(c)
-        .copied()
-        .unwrap_or_else(|| draw::palette(c))
-}
-
-/// The image with each pixel blended 50/50 with its class colour, plus a legend panel on the
-/// right listing the classes present by decreasing area.
-pub fn overlay(img: &Image8, pred: &[u8], names: &[String]) -> RgbImage {
-    let (w, h) = (img.w as u32, img.h as u32);
-    let mut counts = [0usize; 256];
-    for &p in pred {
-        counts[p as usize] += 1;
-    }
-    let mut present: Vec<usize> = (0..256).filter(|&c| counts[c] > 0).collect();
-    present.sort_by_key(|&c| std::cmp::Reverse(counts[c]));
-    let legend_w = 240u32;
-    let row = 20i32;
-    let mut out = RgbImage::from_pixel(w + legend_w, h.max(row as u32 * 2), Rgb([255, 255, 255]));
-    for y in 0..h {
-        for x in 0..w {
-            let i = (y * w + x) as usize;
-            let c = color(pred[i] as usize);
-            let s = img.px(x as usize, y as usize);
-            let px = [0, 1, 2].map(|k| ((s[k] as u16 + c[k] as u16) / 2) as u8);
-            out.put_pixel(x, y, Rgb(px));
-        }
-    }
-    let rows = (out.height() as i32 / row - 1).max(1) as usize;
-    let total = pred.len().max(1) as f64;
-    for (k, &c) in present.iter().take(rows).enumerate() {
-        let text = if k + 1 == rows && present.len() > rows {
-            format!("+{} more classes", present.len() - rows + 1)
-        } else {
-            format!(
-                "{} {:.1}%",
-                class_name(c, names),
-                100.0 * counts[c] as f64 / total
-            )
-        };
-        draw::draw_label(
-            &mut out,
-            w as i32 + 6,
-            (k as i32 + 1) * row + 2,
-            &text,
-            color(c),
-            14.0,
-        );
-    }
-    out
-}
+pub use crate::drawing::overlay;
 
 /// Writes `pred` (row-major class indices) as an 8-bit grayscale PNG.
 pub fn write_label_png(path: &Path, pred: &[u8], w: usize, h: usize) -> Result<()> {
@@ -235,7 +176,7 @@ pub fn predict_with(o: &PredictOpts) -> Result<PredictOutcome> {
             .map(|&c| {
                 format!(
                     "{} {:.0}%",
-                    class_name(c, &names),
+                    crate::drawing::class_name(c, &names),
                     100.0 * counts[c] as f64 / pred.len() as f64
                 )
             })

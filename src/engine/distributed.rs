@@ -178,7 +178,10 @@ pub fn spawn_local(n: usize, port: Option<u16>, max_restarts: u32) -> Result<()>
                      the group from the last complete checkpoint (restart {} of {max_restarts})",
                     attempt + 1
                 );
-                if !args.iter().any(|a| a == "--resume" || a.starts_with("--resume=")) {
+                if !args
+                    .iter()
+                    .any(|a| a == "--resume" || a.starts_with("--resume="))
+                {
                     args.extend(["--resume".to_string(), "auto".to_string()]);
                 }
             }
@@ -290,8 +293,11 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// Maps this rank's padded (H, W) to the global batch's.
+type ShapeAgreement = dyn Fn([i64; 2]) -> [i64; 2];
+
 thread_local! {
-    static BATCH_SHAPE: std::cell::RefCell<Option<Rc<dyn Fn([i64; 2]) -> [i64; 2]>>> =
+    static BATCH_SHAPE: std::cell::RefCell<Option<Rc<ShapeAgreement>>> =
         const { std::cell::RefCell::new(None) };
 }
 

@@ -537,56 +537,7 @@ impl DemoTask for DetTask {
                     return Ok(files);
                 }
                 let img = cnx_datasets::image_io::read_rgb(&val.image_path(m.index))?;
-                let mut canvas = cnx_datasets::draw::to_rgb_image(&img);
-                let boxes: Vec<f32> = Vec::<f32>::try_from(
-                    d.boxes
-                        .to_device(Device::Cpu)
-                        .to_kind(Kind::Float)
-                        .contiguous()
-                        .view([-1]),
-                )?;
-                let scores: Vec<f32> = Vec::<f32>::try_from(
-                    d.scores
-                        .to_device(Device::Cpu)
-                        .to_kind(Kind::Float)
-                        .contiguous()
-                        .view([-1]),
-                )?;
-                let labels: Vec<i64> = Vec::<i64>::try_from(
-                    d.labels
-                        .to_device(Device::Cpu)
-                        .to_kind(Kind::Int64)
-                        .contiguous()
-                        .view([-1]),
-                )?;
-                let masks: Option<Vec<u8>> = d
-                    .masks
-                    .as_ref()
-                    .map(|t| {
-                        Vec::<u8>::try_from(
-                            t.to_device(Device::Cpu)
-                                .to_kind(Kind::Uint8)
-                                .contiguous()
-                                .view([-1]),
-                        )
-                    })
-                    .transpose()?;
-                let hw = img.w * img.h;
-                let inst: Vec<cnx_datasets::draw::Instance> = (0..scores.len())
-                    .filter(|&i| scores[i] >= 0.3)
-                    .map(|i| cnx_datasets::draw::Instance {
-                        bbox: [
-                            boxes[4 * i],
-                            boxes[4 * i + 1],
-                            boxes[4 * i + 2],
-                            boxes[4 * i + 3],
-                        ],
-                        label: labels[i] as usize,
-                        score: Some(scores[i]),
-                        mask: masks.as_ref().map(|m| &m[i * hw..(i + 1) * hw]),
-                    })
-                    .collect();
-                cnx_datasets::draw::draw_instances(&mut canvas, &inst, &names);
+                let canvas = crate::drawing::detections(&img, d, &names, 0.3);
                 let p = dir.join(format!(
                     "pred_{:03}_{}.png",
                     files.len(),
@@ -865,27 +816,8 @@ impl DemoTask for SegTask {
             let item = item?;
             let pred = tch::no_grad(|| self.predict(&item));
             let img = cnx_datasets::image_io::read_rgb(&self.val.items[item.meta.index].0)?;
-            let (w, h) = (img.w as u32, img.h as u32);
             // Image | prediction overlay | ground-truth overlay, side by side.
-            let mut out = image::RgbImage::new(3 * w, h);
-            let base = cnx_datasets::draw::to_rgb_image(&img);
-            for (panel, labels) in [(0u32, None), (1, Some(&pred)), (2, Some(&item.label.data))] {
-                for y in 0..h {
-                    for x in 0..w {
-                        let mut p = base.get_pixel(x, y).0;
-                        if let Some(l) = labels {
-                            let c = l[(y * w + x) as usize];
-                            if c != 255 {
-                                let col = cnx_datasets::draw::palette(c as usize);
-                                for k in 0..3 {
-                                    p[k] = ((p[k] as f32) * 0.4 + (col[k] as f32) * 0.6) as u8;
-                                }
-                            }
-                        }
-                        out.put_pixel(panel * w + x, y, image::Rgb(p));
-                    }
-                }
-            }
+            let out = crate::drawing::segmentation_panels(&img, &pred, &item.label.data);
             let p = dir.join(format!(
                 "pred_{:03}_{}.png",
                 files.len(),
