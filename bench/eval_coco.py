@@ -172,7 +172,9 @@ def report(d):
     for t in ("bbox", "segm"):
         base = {}
         rows = []
-        for tool in ("pycocotools", "faster-coco-eval", "cnx"):
+        for tool in ("pycocotools", "faster-coco-eval", "cnx-eval", "cnx"):
+            if not os.path.exists(os.path.join(d, f"{tool}.{t}.time")):
+                continue  # `cnx eval` is optional (its binary needs libtorch)
             wall, rss = parse_time(os.path.join(d, f"{tool}.{t}.time"))
             sp = os.path.join(d, f"{tool}.{t}.stats.json")
             st = json.load(open(sp))

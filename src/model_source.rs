@@ -5,13 +5,12 @@
 //! so a model trained on your own dataset is evaluated and used exactly as it was trained.
 
 use crate::engine::checkpoint::{self, ModelCard};
-use crate::engine::config::{Arch, Config};
-use crate::engine::tasks;
+use crate::engine::config::{Arch, Config, ModelConfig};
+use crate::engine::{presets, tasks};
 use anyhow::{bail, Context, Result};
 use cnx_datasets::pipeline::TestPipeline;
-use cnx_heads::cascade::CascadeConfig;
 use cnx_heads::segmentor::SegmentorConfig;
-use cnx_heads::{DetectorConfig, TwoStageDetector};
+use cnx_heads::TwoStageDetector;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::Device;
@@ -20,9 +19,9 @@ use tch::Device;
 #[derive(Debug, Clone)]
 pub struct ModelSource {
     pub weights: PathBuf,
-    /// The training configuration (from `--config`, the work dir or the weights' card);
-    /// `None` when the model is a preset.
-    pub config: Option<Config>,
+    /// The training configuration: from `--config`, the work dir or the weights' card, or the
+    /// preset's (the one registry of `cnx train`).
+    pub config: Config,
     pub preset: Option<String>,
     /// Class names in label order (empty: the preset's dataset, COCO or ADE20K).
     pub classes: Vec<String>,
@@ -53,22 +52,20 @@ impl ModelSource {
         }
         let card = ModelCard::read(&weights)?;
         let config = match (config, work_dir, preset) {
-            (Some(f), _, _) => Some(Config::load(f)?),
-            (None, Some(d), None) => Some(
-                Config::load(&d.join("config.toml"))
-                    .with_context(|| format!("{}: the run's config", d.display()))?,
-            ),
+            (Some(f), _, _) => Config::load(f)?,
+            (None, _, Some(p)) => presets::find(p)?.config(),
+            (None, Some(d), None) => Config::load(&d.join("config.toml"))
+                .with_context(|| format!("{}: the run's config", d.display()))?,
             (None, None, None) => match card.as_ref().and_then(|c| c.config.as_deref()) {
-                Some(toml) => Some(Config::from_toml(toml).with_context(|| {
+                Some(toml) => Config::from_toml(toml).with_context(|| {
                     format!("{}: the config recorded in the weights", weights.display())
-                })?),
+                })?,
                 None => bail!(
                     "{} records no model configuration (not a cnx checkpoint): give --preset, \
                      --config FILE or --work-dir DIR",
                     weights.display()
                 ),
             },
-            _ => None,
         };
         let card = card.unwrap_or_default();
         Ok(Self {
@@ -82,37 +79,28 @@ impl ModelSource {
 
     /// The model's name (the preset's, or the config's).
     pub fn name(&self) -> &str {
-        match (&self.config, &self.preset) {
-            (Some(c), _) => &c.name,
-            (None, Some(p)) => p,
-            (None, None) => "model",
-        }
+        &self.config.name
     }
 
     pub fn is_segmentor(&self) -> bool {
-        match &self.config {
-            Some(c) => c.model.arch == Arch::Upernet,
-            None => self.name().starts_with("upernet_"),
-        }
+        self.config.model.arch() == Arch::Upernet
     }
 
     /// The segmentor's configuration.
     pub fn segmentor_config(&self) -> Result<SegmentorConfig> {
-        Ok(match &self.config {
-            Some(c) => tasks::segmentor_config(c)?,
-            None => SegmentorConfig::preset(self.name())?,
-        })
+        match &self.config.model {
+            ModelConfig::Upernet(s) => Ok(s.clone()),
+            _ => bail!("{} is not a segmentor", self.name()),
+        }
     }
 
-    /// The detection test pipeline: the training config's `data.img_scale` (keep-ratio resize,
-    /// pad to 32), the paper's 1333x800 for presets.
+    /// The detection test pipeline: the config's `data.img_scale` (keep-ratio resize, pad to
+    /// 32; the paper's 1333x800 for the presets).
     pub fn test_pipeline(&self) -> TestPipeline {
-        match &self.config {
-            Some(c) => TestPipeline {
-                scale: (c.data.img_scale[1] as usize, c.data.img_scale[0] as usize),
-                size_divisor: 32,
-            },
-            None => TestPipeline::default(),
+        let s = self.config.data.img_scale;
+        TestPipeline {
+            scale: (s[1] as usize, s[0] as usize),
+            size_divisor: 32,
         }
     }
 
@@ -124,10 +112,7 @@ impl ModelSource {
         device: Device,
     ) -> Result<(VarStore, TwoStageDetector)> {
         let mut vs = VarStore::new(device);
-        let det = match &self.config {
-            Some(c) => tasks::build_detector(&vs.root(), c)?,
-            None => preset_detector(&vs.root(), self.name())?,
-        };
+        let det = tasks::build_detector(&vs.root(), &self.config)?;
         let backbone = det.config.backbone.dense()?;
         let report = cnx_heads::weights::load_checkpoint_for(
             &mut vs,
@@ -141,14 +126,10 @@ impl ModelSource {
     }
 }
 
-/// The detector a paper preset names (Mask R-CNN or Cascade Mask R-CNN), built from the heads
-/// crate's preset configs with fresh weights (what test / predict / compare load files into).
+/// The detector a preset names (Mask R-CNN or Cascade Mask R-CNN) with fresh weights (what
+/// compare loads files into).
 pub fn preset_detector(root: &tch::nn::Path, preset: &str) -> Result<TwoStageDetector> {
-    Ok(if preset.starts_with("cascade_") {
-        TwoStageDetector::new(root, &CascadeConfig::preset(preset)?)
-    } else {
-        TwoStageDetector::new(root, &DetectorConfig::preset(preset)?)
-    })
+    tasks::build_detector(root, &presets::find(preset)?.config())
 }
 
 #[cfg(test)]
@@ -166,35 +147,45 @@ mod tests {
         v
     }
 
-    /// Every paper preset builds the same network whether a command takes it by name (`test`,
-    /// `predict`, `flops`, `compare`: the heads crate's preset configs) or from the training
-    /// config `cnx train` writes into its checkpoints (the engine's translation): equal
-    /// variable names and shapes, so a model trained by cnx loads where the preset's does.
-    /// The presets of one architecture (three tests, so they build in parallel).
+    /// Every preset builds the same network whether a command takes it by name (`test`,
+    /// `predict`, `flops`, `compare`: the registry) or from the configuration `cnx train` wrote
+    /// into its checkpoint's card (TOML written and read back): equal variable names and shapes,
+    /// so a model trained by cnx loads where the preset's does. The presets of one
+    /// architecture (three tests, so they build in parallel).
     fn check_presets(arch: Arch) -> usize {
         let mut checked = 0;
         for p in presets::all() {
-            if p.name.starts_with("demo_") || p.config().model.arch != arch {
+            if p.name.starts_with("demo_") || p.config().model.arch() != arch {
                 continue;
             }
             let cfg = p.config();
+            let card = Config::from_toml(&cfg.to_toml().unwrap()).unwrap();
             let by_name = VarStore::new(Device::Cpu);
-            let by_config = VarStore::new(Device::Cpu);
-            if cfg.model.arch == Arch::Upernet {
-                let a = SegmentorConfig::preset(p.name).unwrap();
-                let b = tasks::segmentor_config(&cfg).unwrap();
+            let by_card = VarStore::new(Device::Cpu);
+            if arch == Arch::Upernet {
+                let src = ModelSource {
+                    weights: PathBuf::new(),
+                    config: presets::find(p.name).unwrap().config(),
+                    preset: Some(p.name.to_string()),
+                    classes: vec![],
+                    category_ids: vec![],
+                };
+                let a = src.segmentor_config().unwrap();
+                let ModelConfig::Upernet(b) = &card.model else {
+                    panic!("{}: not UperNet after the round trip", p.name)
+                };
                 drop(cnx_heads::segmentor::Segmentor::new_uninit(&by_name.root(), &a).unwrap());
-                drop(cnx_heads::segmentor::Segmentor::new_uninit(&by_config.root(), &b).unwrap());
+                drop(cnx_heads::segmentor::Segmentor::new_uninit(&by_card.root(), b).unwrap());
             } else {
                 let a = preset_detector(&by_name.root(), p.name).unwrap();
-                let b = tasks::build_detector(&by_config.root(), &cfg).unwrap();
+                let b = tasks::build_detector(&by_card.root(), &card).unwrap();
                 assert_eq!(a.num_classes(), b.num_classes(), "{}", p.name);
             }
-            let (x, y) = (names_and_shapes(&by_name), names_and_shapes(&by_config));
+            let (x, y) = (names_and_shapes(&by_name), names_and_shapes(&by_card));
             assert!(x.len() > 100, "{}", p.name);
             assert!(
                 x == y,
-                "{}: the preset and its config build different models",
+                "{}: the preset and its recorded config build different models",
                 p.name
             );
             checked += 1;

@@ -36,7 +36,7 @@ fn cascade_names_and_shapes_match_mmdet() {
         .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
         .collect();
     let vs = VarStore::new(Device::Cpu);
-    let cfg = CascadeConfig::preset("cascade_mask_rcnn_convnext_tiny_3x").unwrap();
+    let cfg = cascade("cascade_mask_rcnn_convnext_tiny_3x");
     let _det = CascadeDetector::new(&vs.root(), &cfg);
     let have: BTreeMap<String, Vec<i64>> = vs
         .variables()
@@ -257,11 +257,19 @@ fn cascade_flops_table() {
         ("cascade_mask_rcnn_convnext_large_3x_in22k", 255.0, 1354.0),
         ("cascade_mask_rcnn_convnext_xlarge_3x_in22k", 407.0, 1898.0),
     ] {
-        let cfg = CascadeConfig::preset(name).unwrap();
+        let cfg = cascade(name);
         let (params, tally) = cnx_heads::two_stage::complexity(&cfg, [1280, 800]);
         let (pm, gf) = (params as f64 / 1e6, tally.total / 1e9);
         println!("{name}: params {pm:.2}M flops {gf:.1}G (paper {p_m}M / {g}G)");
         assert!((pm - p_m).abs() < 0.5, "{name}: params {pm}");
         assert!((gf - g).abs() / g < 0.005, "{name}: flops {gf}");
+    }
+}
+
+/// A Cascade preset's model from the one preset registry.
+fn cascade(name: &str) -> CascadeConfig {
+    match cnx::engine::presets::model(name).unwrap() {
+        cnx::engine::config::ModelConfig::CascadeMaskRcnn(c) => c,
+        _ => panic!("{name} is not a Cascade preset"),
     }
 }

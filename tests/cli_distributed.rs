@@ -7,14 +7,24 @@
 //! Every run uses 1 thread and 1 loader worker per process, so 2 ranks fit 2 cores, and small
 //! images with few steps: the whole file takes well under a minute.
 //!
-//! `optimizer.eps=1e-3` in every comparison: AdamW's update is lr * m / (sqrt(v) + eps), so
-//! with the default eps (1e-8) a parameter whose gradient is float noise (a bias in front of a
-//! BatchNorm, whose true gradient is 0) takes a full +-lr step whose sign is the noise's, and 1
-//! process and 2 ranks (other summation orders) then differ by ~lr on such parameters. With
-//! eps = 1e-3 a noise-level gradient (~1e-7) moves a weight by ~1e-4 lr, while a real gradient
-//! still moves it by ~lr: the comparison stays sharp for a wrong gradient, sample or batch
-//! split and blind to rounding. `schedule.warmup_iters=0` for the same reason: the first steps
-//! run at the full lr (1e-3), so a wrong step is far above the 1e-5 tolerance.
+//! Conditioning of the comparisons (measured on this data, seed 0, 1 thread per process):
+//! - `optimizer.eps=1e-3` (1e-2 for Cascade): AdamW's update is lr * m / (sqrt(v) + eps), so
+//!   with the default eps (1e-8) a parameter whose gradient is float noise (a bias or conv in
+//!   front of a BatchNorm, whose true gradient is ~0 but whose per-rank partial gradients are
+//!   not) takes a full +-lr step whose sign is the noise's, and 1 process and 2 ranks (other
+//!   summation orders) then differ by ~lr on it. A larger eps turns a noise-level gradient into
+//!   a noise-level step while a real gradient still moves a weight by ~lr, so the comparison
+//!   stays sharp for a wrong gradient, sample or batch split and blind to rounding.
+//! - `schedule.warmup_iters=0`: the first steps run at the full lr, so a wrong step is far above
+//!   the tolerance rather than hidden by warmup's 1e-3 factor.
+//! - Cascade: also `optimizer.lr=5e-4`. Its training is chaotic at the preset lr: a 1-process
+//!   run whose lr is changed by 5e-7 relative (a no-op up to rounding) already differs by 3e-4
+//!   in its losses at iteration 3 for some seeds (a RoI crossing an IoU threshold, a ReLU
+//!   flipping), and 2 ranks vs 1 process differ the same way. Smaller steps keep iteration 3 in
+//!   the range where rounding cannot flip a discrete decision.
+//! - BatchNorm running statistics (buffers, not trained weights) are compared at 1e-4 relative:
+//!   the running variance (~3) carries ~1e-5 of rounding noise (1 process at 1 vs 2 threads
+//!   already differs by 1e-5 on UperNet's PSP running_var). Trained weights: 1e-5 absolute.
 
 mod common;
 
@@ -25,6 +35,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const DET: &str = "demo_mask_rcnn_convnext_nano";
+const CASCADE: &str = "demo_cascade_mask_rcnn_convnext_nano";
 const SEG: &str = "demo_upernet_convnext_nano";
 
 fn synth(kind: &str, out: &Path, images: usize) {
@@ -42,6 +53,7 @@ fn synth(kind: &str, out: &Path, images: usize) {
 
 /// The arguments of `cnx train PRESET` on the data at `root`, into `work`: 1 thread and 1 loader
 /// worker per process, log every iteration, no evaluation, `extra` last (so it overrides).
+/// `optimizer.eps=1e-3` unless `extra` sets it (see the top of the file).
 fn train_args(preset: &str, root: &Path, work: &Path, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = vec!["train".into(), preset.into()];
     let sets = [
@@ -49,8 +61,8 @@ fn train_args(preset: &str, root: &Path, work: &Path, extra: &[&str]) -> Vec<Str
         "runtime.threads=1".into(),
         "data.workers=1".into(),
         "runtime.log_interval=1".into(),
-        "optimizer.eps=1e-3".into(),
         "schedule.warmup_iters=0".into(),
+        "optimizer.eps=1e-3".into(),
     ];
     for s in sets {
         a.push("--set".into());
@@ -147,9 +159,21 @@ fn weights(p: &Path) -> BTreeMap<String, tch::Tensor> {
         .collect()
 }
 
-/// Largest absolute difference between two weights files (the same names and shapes); the name
-/// of the worst tensor with it.
-fn max_weight_diff(a: &Path, b: &Path) -> (f64, String) {
+/// Running statistics of BatchNorm layers: buffers, not trained weights.
+fn is_running_stat(name: &str) -> bool {
+    name.contains("running_mean") || name.contains("running_var")
+}
+
+/// How two weights files (the same names and shapes) differ: the largest absolute difference
+/// of the trained weights and of the BatchNorm running statistics relative to
+/// max(1, |value|), each with the tensor it is in.
+#[derive(Debug)]
+struct WeightDiff {
+    weights: (f64, String),
+    running: (f64, String),
+}
+
+fn weight_diff(a: &Path, b: &Path) -> WeightDiff {
     let (wa, wb) = (weights(a), weights(b));
     assert_eq!(
         wa.keys().collect::<Vec<_>>(),
@@ -158,35 +182,44 @@ fn max_weight_diff(a: &Path, b: &Path) -> (f64, String) {
         a.display(),
         b.display()
     );
-    let mut worst = (0.0f64, String::new());
+    let mut d = WeightDiff {
+        weights: (0.0, String::new()),
+        running: (0.0, String::new()),
+    };
     for (k, x) in &wa {
         let y = &wb[k];
         assert_eq!(x.size(), y.size(), "{k}");
         if x.numel() == 0 {
             continue;
         }
-        let d = (x.to_kind(tch::Kind::Double) - y.to_kind(tch::Kind::Double))
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert!(d.is_finite(), "{k}: {d}");
-        if d > worst.0 {
-            worst = (d, k.clone());
+        let (x, y) = (x.to_kind(tch::Kind::Double), y.to_kind(tch::Kind::Double));
+        let diff = (&x - &y).abs();
+        let (v, worst) = if is_running_stat(k) {
+            let scale = x.abs().clamp_min(1.0);
+            ((diff / scale).max().double_value(&[]), &mut d.running)
+        } else {
+            (diff.max().double_value(&[]), &mut d.weights)
+        };
+        assert!(v.is_finite(), "{k}: {v}");
+        if v > worst.0 {
+            *worst = (v, k.clone());
         }
     }
-    worst
+    d
 }
 
+/// Trained weights within 1e-5 absolute, running statistics within 1e-4 relative (see the
+/// top of the file); returns the largest weight difference.
 fn assert_weights_close(a: &Path, b: &Path, what: &str) -> f64 {
-    let (d, k) = max_weight_diff(a, b);
+    let d = weight_diff(a, b);
+    eprintln!("{what}: {d:?}");
     assert!(
-        d <= 1e-5,
-        "{what}: weights differ by {d:e} (worst: {k}) between {} and {}",
+        d.weights.0 <= 1e-5 && d.running.0 <= 1e-4,
+        "{what}: {} and {} differ: {d:?}",
         a.display(),
         b.display()
     );
-    eprintln!("{what}: max weight difference {d:e} ({k})");
-    d
+    d.weights.0
 }
 
 fn ckpt(work: &Path, iter: u64) -> PathBuf {
@@ -279,15 +312,19 @@ fn two_ranks_train_as_one_process_cascade_with_sync_bn() {
     let d = tmp("dist-cascade");
     let data = d.join("data");
     synth("coco", &data, 20);
+    // The box heads' ConvModules are SyncBN under data parallel.
     two_ranks_equal_one_process(
-        DET,
+        CASCADE,
         &data,
         &d,
         &[
             "--set",
             "data.img_scale=[128, 128]",
+            // Well-conditioned steps (see the top of the file).
             "--set",
-            "model.arch=cascade_mask_rcnn",
+            "optimizer.eps=1e-2",
+            "--set",
+            "optimizer.lr=5e-4",
         ],
     );
     std::fs::remove_dir_all(&d).unwrap();
@@ -534,16 +571,16 @@ fn killing_one_rank_stops_the_other_naming_it() {
     let mut launcher = spawn_train(&args, &d, "launcher");
     let pid = launcher.id();
     let err = || std::fs::read_to_string(d.join("launcher.err")).unwrap_or_default();
-    // Running: an iteration in the log.
+    // Running, with a checkpoint written (iteration 3) for latest.json to name.
     let logged = wait_for(Duration::from_secs(120), || {
-        work.join("log.jsonl").exists() && !train_losses(&work).is_empty()
-            || matches!(launcher.try_wait(), Ok(Some(_)))
+        work.join("latest.json").exists() || matches!(launcher.try_wait(), Ok(Some(_)))
     });
     assert!(
         logged && launcher.try_wait().unwrap().is_none(),
-        "no iteration logged:\n{}",
+        "no checkpoint written:\n{}",
         err()
     );
+    assert!(!train_losses(&work).is_empty());
     let ranks: Vec<(u32, Option<usize>)> =
         children(pid).into_iter().map(|c| (c, rank_of(c))).collect();
     assert_eq!(ranks.len(), 2, "{ranks:?}");

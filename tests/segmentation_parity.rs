@@ -183,7 +183,7 @@ fn forward_train_losses_match_mmseg() {
 #[test]
 fn full_tiny_names_and_shapes_match_mmseg() {
     let r = json("names_tiny.json");
-    let cfg = SegmentorConfig::preset("upernet_convnext_tiny_512_160k").unwrap();
+    let cfg = cnx::engine::presets::segmentor("upernet_convnext_tiny_512_160k").unwrap();
     let vs = VarStore::new(Device::Cpu);
     let _seg = Segmentor::new_uninit(&vs.root(), &cfg).unwrap();
     let ours: HashMap<String, Vec<i64>> = vs
@@ -218,7 +218,7 @@ fn paper_flops_at_2048x512() {
         ("upernet_convnext_small_512_160k", 82.0, 1027.0),
         ("upernet_convnext_base_512_160k", 122.0, 1170.0),
     ] {
-        let cfg = SegmentorConfig::preset(preset).unwrap();
+        let cfg = cnx::engine::presets::segmentor(preset).unwrap();
         let t = std::time::Instant::now();
         let (p, tally) = cnx_heads::segmentor::complexity(&cfg, [512, 2048]).unwrap();
         let (pm, g) = (p as f64 / 1e6, tally.total / 1e9);

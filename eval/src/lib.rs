@@ -10,6 +10,8 @@
 //! - [`miou`]: mmsegmentation's IoU metric (aAcc, mIoU, mAcc, per-class), streaming through
 //!   [`miou::Accumulator::add`] and [`miou::Accumulator::summary`].
 //!
+//! - `cli` (feature `cli`): the `cnx eval` / `cnx-eval` command line.
+//!
 //! Parity with pycocotools / mmseg is checked bit for bit by the tests under `tests/`
 //! (fixtures from `tools/reference/gen_eval.py`).
 //!
@@ -22,6 +24,8 @@
 //! assert_eq!(Rle::from_compressed_string(&s, 10, 10).unwrap(), rle);
 //! ```
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod coco;
 pub mod error;
 pub mod mask;

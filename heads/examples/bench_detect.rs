@@ -19,12 +19,12 @@ fn main() {
     // Both architectures share the input and timing; only the network differs.
     let predict: Predict = match arch {
         "mask_rcnn" => {
-            let cfg = DetectorConfig::preset("mask_rcnn_convnext_tiny_3x").unwrap();
+            let cfg = DetectorConfig::mask_rcnn_convnext("tiny").unwrap();
             let det = Detector::new(&vs.root(), &cfg);
             Box::new(move |x, m| det.predict(x, m))
         }
         "cascade" => {
-            let cfg = CascadeConfig::preset("cascade_mask_rcnn_convnext_tiny_3x").unwrap();
+            let cfg = CascadeConfig::cascade_mask_rcnn_convnext("tiny").unwrap();
             let det = CascadeDetector::new(&vs.root(), &cfg);
             Box::new(move |x, m| det.predict(x, m))
         }

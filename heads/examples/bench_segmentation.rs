@@ -12,7 +12,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 fn main() {
     cnx_backbone::runtime::prefer_huge_pages(); // as the cnx binary does
     tch::manual_seed(0);
-    let cfg = SegmentorConfig::preset("upernet_convnext_tiny_512_160k").unwrap();
+    let cfg = SegmentorConfig::upernet_convnext("tiny").unwrap();
     let vs = VarStore::new(Device::Cpu);
     let seg = Segmentor::new(&vs.root(), &cfg).unwrap();
     let x = Tensor::randn([1, 3, 512, 2048], (Kind::Float, Device::Cpu));

@@ -5,7 +5,7 @@ use cnx_heads::{Detector, DetectorConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 fn main() {
-    let cfg = DetectorConfig::preset("mask_rcnn_convnext_tiny_3x").unwrap();
+    let cfg = DetectorConfig::mask_rcnn_convnext("tiny").unwrap();
     let vs = VarStore::new(Device::Cpu);
     let det = Detector::new(&vs.root(), &cfg);
     let x = Tensor::zeros([1, 3, 1280, 800], (Kind::Float, Device::Cpu));

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AnchorGenerator {
     pub strides: Vec<i64>,
     pub scales: Vec<f64>,
@@ -44,7 +45,15 @@ impl AnchorGenerator {
     /// All anchors of one level for an `(h, w)` feature grid: (h*w*A, 4).
     pub fn grid_anchors(&self, level: usize, feat: (i64, i64), device: Device) -> Tensor {
         let stride = self.strides[level];
-        let base = self.base_anchors(level).to_device(device);
+        // Built on the host once per device and configuration, not per call.
+        let key: Vec<f64> = [stride as f64, self.scales.len() as f64]
+            .into_iter()
+            .chain(self.scales.iter().copied())
+            .chain(self.ratios.iter().copied())
+            .collect();
+        let base = crate::sync_count::cached("base anchors", &key, Kind::Float, device, || {
+            self.base_anchors(level)
+        });
         let opts = (Kind::Float, device);
         let sx = Tensor::arange(feat.1, opts) * stride as f64;
         let sy = Tensor::arange(feat.0, opts) * stride as f64;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MaxIoUAssigner {
     pub pos_iou_thr: f64,
     pub neg_iou_thr: f64,
@@ -43,17 +44,39 @@ impl MaxIoUAssigner {
 
     /// Assign `boxes` (N,4) to `gt` (G,4) with labels `gt_labels` (G).
     pub fn assign(&self, boxes: &Tensor, gt: &Tensor, gt_labels: &Tensor) -> AssignResult {
+        self.assign_within(boxes, gt, gt_labels, None)
+    }
+
+    /// [`MaxIoUAssigner::assign`] of the boxes where `allowed` (N bool) is true, the others
+    /// ignored (`gt_inds` -1, overlap -1): the same assignment as of the allowed subset alone,
+    /// scattered back, without selecting the subset (a host read of its size).
+    pub fn assign_within(
+        &self,
+        boxes: &Tensor,
+        gt: &Tensor,
+        gt_labels: &Tensor,
+        allowed: Option<&Tensor>,
+    ) -> AssignResult {
         let device = boxes.device();
         let n = boxes.size()[0];
         let g = gt.size()[0];
         if g == 0 || n == 0 {
+            let inds = Tensor::full([n], if g == 0 { 0 } else { -1 }, (Kind::Int64, device));
             return AssignResult {
-                gt_inds: Tensor::full([n], if g == 0 { 0 } else { -1 }, (Kind::Int64, device)),
+                gt_inds: match allowed {
+                    Some(a) => inds.where_self(a, &Tensor::full_like(&inds, -1)),
+                    None => inds,
+                },
                 max_overlaps: Tensor::zeros([n], (Kind::Float, device)),
                 labels: Tensor::full([n], -1, (Kind::Int64, device)),
             };
         }
-        let overlaps = crate::boxes::bbox_overlaps(gt, boxes); // (G, N)
+        let mut overlaps = crate::boxes::bbox_overlaps(gt, boxes); // (G, N)
+        if let Some(a) = allowed {
+            // -1 is below every threshold (never negative, never positive) and below every
+            // real overlap, so a gt's best overlap is over the allowed boxes only.
+            overlaps = overlaps.where_self(&a.unsqueeze(0), &Tensor::full_like(&overlaps, -1.0));
+        }
         let (max_ov, argmax) = overlaps.max_dim(0, false);
         let (gt_max, _) = overlaps.max_dim(1, false);
         let mut inds = Tensor::full([n], -1, (Kind::Int64, device));
@@ -62,15 +85,20 @@ impl MaxIoUAssigner {
         let pos = max_ov.ge(self.pos_iou_thr);
         inds = inds.where_self(&pos.logical_not(), &(&argmax + 1));
         if self.match_low_quality {
-            // Sequential over gts as mmdet: a later gt overrides an earlier one on ties.
-            let gm = crate::boxes::to_vec_f32(&gt_max);
-            for (i, &m) in gm.iter().enumerate() {
-                if (m as f64) >= self.min_pos_iou {
-                    let hit = overlaps.get(i as i64).eq(m as f64);
-                    inds = inds
-                        .where_self(&hit.logical_not(), &Tensor::full_like(&inds, i as i64 + 1));
-                }
-            }
+            // mmdet loops over the gts, a later gt overriding an earlier one: each box takes
+            // the last gt (highest index) whose best overlap it attains, among gts whose best
+            // overlap reaches `min_pos_iou` (compared in f64, as the host loop did). Computed
+            // for all gts at once on the device.
+            let eligible = gt_max
+                .to_kind(Kind::Double)
+                .ge(self.min_pos_iou)
+                .unsqueeze(1);
+            let hit = overlaps
+                .eq_tensor(&gt_max.unsqueeze(1))
+                .logical_and(&eligible);
+            let rank = Tensor::arange_start(1, g + 1, (Kind::Int64, device)).unsqueeze(1);
+            let last = (hit.to_kind(Kind::Int64) * rank).amax([0], false);
+            inds = inds.where_self(&last.eq(0), &last);
         }
         let posm = inds.gt(0);
         let gl = gt_labels
@@ -86,6 +114,7 @@ impl MaxIoUAssigner {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RandomSampler {
     pub num: i64,
     pub pos_fraction: f64,
@@ -128,7 +157,12 @@ fn random_choice(inds: &Tensor, k: i64, stream: Option<&mut KeyedStream>) -> Ten
         return inds.shallow_clone();
     }
     let perm = match stream {
-        Some(s) => Tensor::from_slice(&s.choose(n as usize, k as usize)).to_device(inds.device()),
+        // Drawn on the host (the keyed stream is host-side); copied without blocking.
+        Some(s) => crate::sync_count::upload_i64(
+            &s.choose(n as usize, k as usize),
+            inds.device(),
+            "keyed choice",
+        ),
         None => Tensor::randperm(n, (Kind::Int64, inds.device())).slice(0, 0, k, 1),
     };
     inds.index_select(0, &perm)
@@ -185,10 +219,18 @@ impl RandomSampler {
             (boxes.shallow_clone(), assign.gt_inds.shallow_clone())
         };
         let num_pos_exp = (self.num as f64 * self.pos_fraction) as i64;
-        let pos = gt_inds.gt(0).nonzero().view([-1]);
+        // Positive and negative candidates in ascending index order (as `nonzero` lists them):
+        // one host read for both counts, then `nonzero_static`, which needs no read of its own.
+        let (posm, negm) = (gt_inds.gt(0), gt_inds.eq(0));
+        crate::sync_count::host_read("sampler counts");
+        let counts = crate::boxes::to_vec_i64(&Tensor::stack(
+            &[posm.sum(Kind::Int64), negm.sum(Kind::Int64)],
+            0,
+        ));
+        let pos = posm.nonzero_static(counts[0], -1).view([-1]);
         let pos = random_choice(&pos, num_pos_exp, stream.as_deref_mut());
         let num_neg_exp = self.num - pos.size()[0];
-        let neg = gt_inds.eq(0).nonzero().view([-1]);
+        let neg = negm.nonzero_static(counts[1], -1).view([-1]);
         let neg = random_choice(&neg, num_neg_exp, stream);
         let pos_gt_inds = gt_inds.index_select(0, &pos) - 1;
         let pos_labels = gt_labels.to_kind(Kind::Int64).index_select(0, &pos_gt_inds);

@@ -67,6 +67,7 @@ impl BoxHead for Shared2FcBoxHead {
 
 /// Test-time settings of the RoI stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RcnnTestCfg {
     pub score_thr: f64,
     pub iou_threshold: f64,
@@ -91,6 +92,9 @@ pub struct BoxTargets {
     pub labels: Tensor,
     pub bbox_targets: Tensor,
     pub pos_mask: Tensor,
+    /// Indices of the positives (the nonzero entries of `pos_mask`), built from the per-image
+    /// sample counts so the losses need no host read to find them.
+    pub pos_idx: Tensor,
 }
 
 /// RoIs (K,5) of sampled boxes (positives then negatives per image).
@@ -114,10 +118,18 @@ pub fn box_targets(
     let mut labels = Vec::new();
     let mut targets = Vec::new();
     let mut pos = Vec::new();
+    let mut pos_idx = Vec::new();
+    let mut offset = 0;
     for (s, gt) in samples.iter().zip(gt_boxes) {
         let device = s.boxes.device();
         let np = s.num_pos();
         let nn = s.num_neg();
+        pos_idx.push(Tensor::arange_start(
+            offset,
+            offset + np,
+            (Kind::Int64, device),
+        ));
+        offset += np + nn;
         labels.push(s.pos_labels.shallow_clone());
         labels.push(Tensor::full([nn], num_classes, (Kind::Int64, device)));
         let pg = gt.index_select(0, &s.pos_gt_inds);
@@ -135,6 +147,7 @@ pub fn box_targets(
         labels: Tensor::cat(&labels, 0),
         bbox_targets: Tensor::cat(&targets, 0),
         pos_mask: Tensor::cat(&pos, 0),
+        pos_idx: Tensor::cat(&pos_idx, 0),
     }
 }
 
@@ -179,11 +192,11 @@ pub fn cls_loss_and_acc(cls: &Tensor, t: &BoxTargets, n: &MeanDivisor) -> (Tenso
 pub fn box_loss_l1(cls: &Tensor, bbox_pred: &Tensor, t: &BoxTargets) -> (Tensor, Tensor, Tensor) {
     let n = roi_divisor(cls);
     let (loss_cls, acc) = cls_loss_and_acc(cls, t, &n);
-    let pos_idx = t.pos_mask.nonzero().view([-1]);
+    let pos_idx = &t.pos_idx;
     let loss_bbox = if pos_idx.size()[0] > 0 {
-        let p = select_class_deltas(bbox_pred, &t.labels, &pos_idx);
+        let p = select_class_deltas(bbox_pred, &t.labels, pos_idx);
         n.divide(
-            &(p - t.bbox_targets.index_select(0, &pos_idx))
+            &(p - t.bbox_targets.index_select(0, pos_idx))
                 .abs()
                 .sum(Kind::Float),
         )
@@ -219,7 +232,8 @@ pub fn get_bboxes(
         bbox_pred,
         Some((img_shape.0 as f64, img_shape.1 as f64)),
     );
-    let sf = Tensor::from_slice(&scale_factor).to_device(boxes.device());
+    // Written by fill kernels on the device: no upload per image.
+    let sf = crate::sync_count::filled(&scale_factor.map(f64::from), Kind::Float, boxes.device());
     let boxes = if r > 0 {
         (boxes.view([r, -1, 4]) / sf).view([r, -1])
     } else {
@@ -258,6 +272,7 @@ pub fn multiclass_nms(
     let s = s.reshape([-1]);
     let labels = labels.reshape([-1]);
     let inds = s.gt(score_thr).nonzero().view([-1]);
+    crate::sync_count::host_read("score threshold");
     let (b, s, labels) = (
         b.index_select(0, &inds),
         s.index_select(0, &inds),

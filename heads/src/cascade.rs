@@ -10,7 +10,7 @@ use crate::bbox_head::{self, BoxHead, RcnnTestCfg};
 use crate::boxes::bbox2roi;
 use crate::coder::DeltaXYWHCoder;
 use crate::conv_module::ConvModule;
-use crate::detector::{BackboneCfg, Detections, DetectorConfig, GtInstances, ImgMeta};
+use crate::detector::{Detections, DetectorConfig, GtInstances, ImgMeta};
 use crate::mask_head::FcnMaskHead;
 use crate::roi_head::{
     assemble, assign_and_sample, box_detections, detection_masks, mask_loss, RoiExtractors, RoiHead,
@@ -110,6 +110,7 @@ impl BoxHead for ConvFcBoxHead {
 
 /// One cascade stage's training settings and box coder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StageCfg {
     pub assigner: MaxIoUAssigner,
     pub sampler: RandomSampler,
@@ -139,6 +140,7 @@ impl StageCfg {
 /// extractors, mask head sizes, test settings; its single-stage coder/assigner are unused) plus
 /// the stages and the box-head shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CascadeConfig {
     pub base: DetectorConfig,
     pub stages: Vec<StageCfg>,
@@ -148,24 +150,6 @@ pub struct CascadeConfig {
     /// GIoU loss weight on decoded boxes (`reg_decoded_bbox`).
     pub giou_weight: f64,
 }
-
-/// Preset names [`CascadeConfig::preset`] knows.
-pub const PRESETS: [&str; 14] = [
-    "cascade_mask_rcnn_convnext_tiny_3x",
-    "cascade_mask_rcnn_convnext_small_3x",
-    "cascade_mask_rcnn_convnext_base_3x",
-    "cascade_mask_rcnn_convnext_base_3x_in22k",
-    "cascade_mask_rcnn_convnext_large_3x_in22k",
-    "cascade_mask_rcnn_convnext_xlarge_3x_in22k",
-    "cascade_mask_rcnn_r50_3x",
-    "cascade_mask_rcnn_x101_32x4d_3x",
-    "cascade_mask_rcnn_x101_64x4d_3x",
-    "cascade_mask_rcnn_swin_tiny_3x",
-    "cascade_mask_rcnn_swin_small_3x",
-    "cascade_mask_rcnn_swin_base_3x",
-    "cascade_mask_rcnn_swin_base_3x_in22k",
-    "cascade_mask_rcnn_swin_large_3x_in22k",
-];
 
 impl CascadeConfig {
     /// The paper's Cascade Mask R-CNN with a ConvNeXt variant, 80 classes.
@@ -193,36 +177,6 @@ impl CascadeConfig {
             num_shared_fcs: 1,
             giou_weight: 10.0,
         })
-    }
-
-    /// A named preset (see [`PRESETS`]); drop-path rates of the recipes table.
-    pub fn preset(name: &str) -> Result<Self, HeadsError> {
-        let (variant, dpr) = match name {
-            "cascade_mask_rcnn_convnext_tiny_3x" => ("tiny", 0.4),
-            "cascade_mask_rcnn_convnext_small_3x" => ("small", 0.6),
-            "cascade_mask_rcnn_convnext_base_3x" => ("base", 0.7),
-            "cascade_mask_rcnn_convnext_base_3x_in22k" => ("base", 0.6),
-            "cascade_mask_rcnn_convnext_large_3x_in22k" => ("large", 0.7),
-            "cascade_mask_rcnn_convnext_xlarge_3x_in22k" => ("xlarge", 0.8),
-            _ => {
-                return match cnx_backbone::config::comparison_preset(name) {
-                    Some(p) if p.arch == "cascade_mask_rcnn" => {
-                        let mut c = Self::cascade_mask_rcnn_convnext("tiny")?;
-                        c.base.name = name.to_string();
-                        c.base.backbone = BackboneCfg::named(p.backbone_name, p.drop_path)?;
-                        Ok(c)
-                    }
-                    _ => Err(HeadsError::Config(format!(
-                        "unknown cascade preset '{name}'; known: {}",
-                        PRESETS.join(", ")
-                    ))),
-                }
-            }
-        };
-        let mut c = Self::cascade_mask_rcnn_convnext(variant)?;
-        c.base.name = name.to_string();
-        c.base.backbone.drop_path_rate = dpr;
-        Ok(c)
     }
 }
 
@@ -323,12 +277,12 @@ impl CascadeRoiHead {
     ) -> (Tensor, Tensor, Tensor) {
         let n = bbox_head::roi_divisor(cls);
         let (loss_cls, acc) = bbox_head::cls_loss_and_acc(cls, t, &n);
-        let pos_idx = t.pos_mask.nonzero().view([-1]);
+        let pos_idx = &t.pos_idx;
         let loss_bbox = if pos_idx.size()[0] > 0 {
-            let d = bbox_head::select_class_deltas(reg, &t.labels, &pos_idx).to_kind(Kind::Float);
-            let pr = rois.index_select(0, &pos_idx).slice(1, 1, 5, 1);
+            let d = bbox_head::select_class_deltas(reg, &t.labels, pos_idx).to_kind(Kind::Float);
+            let pr = rois.index_select(0, pos_idx).slice(1, 1, 5, 1);
             let pred = coder.decode(&pr, &d, None);
-            let g = crate::boxes::aligned_giou(&pred, &t.bbox_targets.index_select(0, &pos_idx));
+            let g = crate::boxes::aligned_giou(&pred, &t.bbox_targets.index_select(0, pos_idx));
             n.divide(&(g.neg() + 1.0).sum(Kind::Float)) * self.config.giou_weight
         } else {
             reg.sum(Kind::Float) * 0.0
@@ -414,6 +368,7 @@ impl RoiHead for CascadeRoiHead {
                                 ],
                                 0,
                             );
+                            crate::sync_count::host_read("refine keep");
                             new.index_select(0, &keep.nonzero().view([-1]))
                         })
                         .collect()

@@ -15,6 +15,7 @@ use tch::Tensor;
 pub const MAX_RATIO: f64 = 4.135166556742356;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeltaXYWHCoder {
     pub means: [f64; 4],
     pub stds: [f64; 4],
@@ -29,11 +30,10 @@ impl Default for DeltaXYWHCoder {
     }
 }
 
+/// Means or stds as a (1,4) row on `like`'s device and dtype (f32 values, as mmdet builds
+/// them), uploaded once per device instead of per call.
 fn row(v: &[f64; 4], like: &Tensor) -> Tensor {
-    Tensor::from_slice(&v.map(|x| x as f32))
-        .to_device(like.device())
-        .to_kind(like.kind())
-        .view([1, 4])
+    crate::sync_count::constant(v, like.kind(), like.device()).view([1, 4])
 }
 
 impl DeltaXYWHCoder {

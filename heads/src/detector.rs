@@ -22,6 +22,7 @@ use tch::{Kind, Tensor};
 /// the comparison backbones (`swin_tiny`, `resnet50`, `resnext101_32x4d`, ... see
 /// [`cnx_backbone::config::BACKBONES`]) with its family's detection defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackboneCfg {
     pub depths: Vec<i64>,
     pub dims: Vec<i64>,
@@ -29,6 +30,10 @@ pub struct BackboneCfg {
     pub layer_scale_init_value: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// ImageNet checkpoint that initialises the backbone (mmdet's `init_cfg`), loaded by the
+    /// trainer before the first step; empty = random initialisation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pretrained: String,
 }
 
 impl BackboneCfg {
@@ -67,17 +72,20 @@ impl BackboneCfg {
             drop_path_rate: drop_path,
             layer_scale_init_value: 0.0,
             name: Some(name.to_string()),
+            pretrained: String::new(),
         })
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NeckCfg {
     pub out_channels: i64,
     pub num_outs: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RpnCfg {
     pub anchors: AnchorGenerator,
     pub assigner: MaxIoUAssigner,
@@ -110,6 +118,7 @@ impl RpnCfg {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RoiHeadCfg {
     pub num_classes: i64,
     pub fc_dim: i64,
@@ -128,6 +137,7 @@ pub struct RoiHeadCfg {
 
 /// Everything needed to build a Mask R-CNN.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DetectorConfig {
     pub name: String,
     pub backbone: BackboneCfg,
@@ -135,9 +145,6 @@ pub struct DetectorConfig {
     pub rpn: RpnCfg,
     pub roi: RoiHeadCfg,
 }
-
-/// Preset names [`DetectorConfig::preset`] knows.
-pub const PRESETS: [&str; 2] = ["mask_rcnn_convnext_tiny_3x", "mask_rcnn_swin_tiny_3x"];
 
 impl DetectorConfig {
     /// The paper's Mask R-CNN with a ConvNeXt variant (`tiny`, `small`, `base`, ...), 80 classes.
@@ -154,6 +161,7 @@ impl DetectorConfig {
                 drop_path_rate: 0.4,
                 layer_scale_init_value: 1.0,
                 name: None,
+                pretrained: String::new(),
             },
             neck: NeckCfg {
                 out_channels: 256,
@@ -184,30 +192,6 @@ impl DetectorConfig {
                 with_mask: true,
             },
         })
-    }
-
-    /// Look up a named preset (`mask_rcnn_convnext_tiny_3x`, or the comparison row
-    /// `mask_rcnn_swin_tiny_3x`).
-    pub fn preset(name: &str) -> Result<Self, HeadsError> {
-        match name {
-            "mask_rcnn_convnext_tiny_3x" => {
-                let mut c = Self::mask_rcnn_convnext("tiny")?;
-                c.name = name.to_string();
-                Ok(c)
-            }
-            _ => match cnx_backbone::config::comparison_preset(name) {
-                Some(p) if p.arch == "mask_rcnn" => {
-                    let mut c = Self::mask_rcnn_convnext("tiny")?;
-                    c.name = name.to_string();
-                    c.backbone = BackboneCfg::named(p.backbone_name, p.drop_path)?;
-                    Ok(c)
-                }
-                _ => Err(HeadsError::Config(format!(
-                    "unknown detector preset '{name}'; known: {}",
-                    PRESETS.join(", ")
-                ))),
-            },
-        }
     }
 }
 

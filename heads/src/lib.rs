@@ -28,6 +28,7 @@ pub mod roi_align;
 pub mod roi_extractor;
 pub mod roi_head;
 pub mod rpn;
+pub mod sync_count;
 pub mod two_stage;
 pub mod weights;
 // UperNet semantic segmentation (owned by the segmentation work): heads and the segmentor.

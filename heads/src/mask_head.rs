@@ -1,7 +1,8 @@
 //! mmdet's `FCNMaskHead` (4 × conv3x3+ReLU, deconv ×2 + ReLU, 1x1 logits per class), its loss
 //! (BCE on the GT class's 28×28 channel against RoIAlign-cropped GT masks) and the test-time
-//! paste of 28×28 masks into the original image (`_do_paste_mask`: grid_sample over the box,
-//! one box at a time on CPU, threshold 0.5).
+//! paste of 28×28 masks into the original image (`_do_paste_mask`: grid_sample over the box's
+//! integer neighbourhood, threshold 0.5) — one box at a time on the host's CPU path, all boxes
+//! in one batched `grid_sample` per chunk on the device path (same pixels, same values).
 
 use cnx_backbone::nn::{Conv2d, ConvOpts, ConvTranspose2d};
 use cnx_backbone::replica::{self, MeanDivisor};
@@ -117,8 +118,12 @@ pub fn paste_masks(
 ) -> Tensor {
     let n = masks.size()[0];
     let device = masks.device();
+    if crate::sync_count::device_paths(device) {
+        return paste_masks_batched(masks, boxes, img_h, img_w, threshold);
+    }
     let out = Tensor::zeros([n, img_h, img_w], (Kind::Bool, device));
     let bv = crate::boxes::to_vec_f32(boxes);
+    crate::sync_count::host_read("paste boxes");
     for i in 0..n {
         let b = &bv[4 * i as usize..4 * i as usize + 4];
         let x0 = ((b[0].floor() - 1.0).max(0.0)) as i64;
@@ -159,4 +164,78 @@ pub fn paste_masks(
             .copy_(&pasted);
     }
     out
+}
+
+/// [`paste_masks`] without host reads or a loop over boxes: every box samples the whole image
+/// in one `grid_sample` per chunk of boxes (mmdet's GPU path), and pixels outside the box's
+/// integer neighbourhood (the region the CPU path samples) are cleared, so the result is the
+/// CPU path's, pixel for pixel: inside the neighbourhood the grid values are the same
+/// expressions of the same numbers.
+pub fn paste_masks_batched(
+    masks: &Tensor,
+    boxes: &Tensor,
+    img_h: i64,
+    img_w: i64,
+    threshold: f64,
+) -> Tensor {
+    let n = masks.size()[0];
+    let device = masks.device();
+    if n == 0 {
+        return Tensor::zeros([0, img_h, img_w], (Kind::Bool, device));
+    }
+    let boxes = boxes.to_kind(Kind::Float);
+    let (bx0, by0, bx1, by1) = (
+        boxes.select(1, 0).view([-1, 1]),
+        boxes.select(1, 1).view([-1, 1]),
+        boxes.select(1, 2).view([-1, 1]),
+        boxes.select(1, 3).view([-1, 1]),
+    );
+    // The neighbourhood [floor(x1) - 1, ceil(x2) + 1) ∩ image, as the CPU path computes it
+    // (in f32, truncated to integers).
+    let lo = |c: &Tensor| (c.floor() - 1.0).clamp_min(0.0).to_kind(Kind::Int64);
+    let hi = |c: &Tensor, lim: i64| (c.ceil() + 1.0).clamp_max(lim as f64).to_kind(Kind::Int64);
+    let (x0, y0, x1, y1) = (lo(&bx0), lo(&by0), hi(&bx1, img_w), hi(&by1, img_h));
+    let px = Tensor::arange(img_w, (Kind::Int64, device)).view([1, -1]);
+    let py = Tensor::arange(img_h, (Kind::Int64, device)).view([1, -1]);
+    let in_x = px.ge_tensor(&x0).logical_and(&px.lt_tensor(&x1)); // (N, W)
+    let in_y = py.ge_tensor(&y0).logical_and(&py.lt_tensor(&y1)); // (N, H)
+    let img_x = px.to_kind(Kind::Float) + 0.5;
+    let img_y = py.to_kind(Kind::Float) + 0.5;
+    let gx = (img_x - &bx0) / (&bx1 - &bx0) * 2.0 - 1.0;
+    let gy = (img_y - &by0) / (&by1 - &by0) * 2.0 - 1.0;
+    let gx = gx.where_self(&gx.isinf().logical_not(), &Tensor::zeros_like(&gx));
+    let gy = gy.where_self(&gy.isinf().logical_not(), &Tensor::zeros_like(&gy));
+    let (mh, mw) = (masks.size()[1], masks.size()[2]);
+    let masks = masks.to_kind(Kind::Float).view([n, 1, mh, mw]);
+    // Boxes per chunk: the (chunk, H, W, 2) grid stays around 256 MB.
+    let per = ((1i64 << 25) / (img_h * img_w).max(1)).max(1);
+    let mut outs = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let j = (i + per).min(n);
+        let m = j - i;
+        let grid = Tensor::stack(
+            &[
+                gx.slice(0, i, j, 1)
+                    .view([m, 1, img_w])
+                    .expand([m, img_h, img_w], false),
+                gy.slice(0, i, j, 1)
+                    .view([m, img_h, 1])
+                    .expand([m, img_h, img_w], false),
+            ],
+            3,
+        );
+        let pasted = masks
+            .slice(0, i, j, 1)
+            .grid_sampler(&grid, 0, 0, false)
+            .view([m, img_h, img_w])
+            .ge(threshold);
+        let inside = in_y
+            .slice(0, i, j, 1)
+            .unsqueeze(2)
+            .logical_and(&in_x.slice(0, i, j, 1).unsqueeze(1));
+        outs.push(pasted.logical_and(&inside));
+        i = j;
+    }
+    Tensor::cat(&outs, 0)
 }

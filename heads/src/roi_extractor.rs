@@ -1,7 +1,7 @@
 //! mmdet's `SingleRoIExtractor`: each RoI is pooled from one FPN level chosen by its size
 //! (`level = floor(log2(sqrt(w*h) / finest_scale + 1e-6))`, clamped to the levels given).
 
-use crate::roi_align::roi_align;
+use crate::roi_align::roi_align_levels;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone)]
@@ -32,7 +32,9 @@ impl RoiExtractor {
             .to_kind(Kind::Int64)
     }
 
-    /// Pooled features (R, C, S, S) of `rois` from `feats` (the first `strides.len()` levels).
+    /// Pooled features (R, C, S, S) of `rois` from `feats` (the first `strides.len()` levels):
+    /// all levels in one [`roi_align_levels`] call, so the level split costs no host read of
+    /// its own.
     pub fn forward(&self, feats: &[Tensor], rois: &Tensor) -> Tensor {
         let r = rois.size()[0];
         let c = feats[0].size()[1];
@@ -41,26 +43,31 @@ impl RoiExtractor {
         if r == 0 {
             return Tensor::zeros([0, c, s, s], (feats[0].kind(), device));
         }
-        let levels = self.map_levels(rois);
+        let nl = self.strides.len();
         // RoIs mapped to no level (NaN scale from degenerate boxes) keep zero features, as in
-        // mmdet, where `roi_feats` starts as zeros and each level fills its own rows.
-        let mut out = Tensor::zeros([r, c, s, s], (feats[0].kind(), device));
-        for (l, stride) in self.strides.iter().enumerate() {
-            let inds = levels.eq(l as i64).nonzero().view([-1]);
-            if inds.size()[0] == 0 {
-                continue;
-            }
-            let sub = rois.index_select(0, &inds);
-            let pooled = roi_align(
-                &feats[l],
-                &sub,
-                (s, s),
-                1.0 / *stride as f64,
-                self.sampling_ratio,
-                true,
+        // mmdet, where `roi_feats` starts as zeros and each level fills its own rows; they get
+        // level `nl` explicitly (a NaN cast to an integer is platform-dependent).
+        let scale = ((rois.select(1, 3) - rois.select(1, 1))
+            * (rois.select(1, 4) - rois.select(1, 2)))
+        .sqrt();
+        let lv = (scale / self.finest_scale + 1e-6).log2().floor();
+        let levels = lv
+            .clamp(0.0, (nl - 1) as f64)
+            .to_kind(Kind::Int64)
+            .where_self(
+                &lv.isnan().logical_not(),
+                &Tensor::full([r], nl as i64, (Kind::Int64, device)),
             );
-            out = out.index_copy(0, &inds, &pooled);
-        }
-        out
+        let fs: Vec<&Tensor> = feats[..nl].iter().collect();
+        let scales: Vec<f64> = self.strides.iter().map(|&st| 1.0 / st as f64).collect();
+        roi_align_levels(
+            &fs,
+            &scales,
+            rois,
+            &levels,
+            (s, s),
+            self.sampling_ratio,
+            true,
+        )
     }
 }

@@ -226,7 +226,16 @@ pub fn mask_loss(
             .iter()
             .zip(gts)
             .zip(&pos)
-            .map(|((s, g), pb)| mask_targets(pb, &s.pos_gt_inds, g, out))
+            .map(|((s, g), pb)| {
+                // detector::mask_targets reads the positives' boxes and GT indices (one read
+                // each) and uploads the cropped targets, when there are positives and masks.
+                if s.num_pos() > 0 && g.masks.is_some() {
+                    crate::sync_count::host_read("mask target boxes");
+                    crate::sync_count::host_read("mask target gt inds");
+                    crate::sync_count::upload("mask targets");
+                }
+                mask_targets(pb, &s.pos_gt_inds, g, out)
+            })
             .collect()
     });
     let labels = Tensor::cat(
@@ -284,7 +293,7 @@ pub fn detection_masks(
     let scaled: Vec<Tensor> = dets
         .iter()
         .zip(metas)
-        .map(|(d, m)| &d.boxes * Tensor::from_slice(&m.sf4()).to_device(d.boxes.device()))
+        .map(|(d, m)| &d.boxes * scale_row(m, &d.boxes))
         .collect();
     let dc: Vec<i64> = scaled.iter().map(|s| s.size()[0]).collect();
     let empty = |m: &ImgMeta, device| {
@@ -308,11 +317,16 @@ pub fn detection_masks(
                 .view([-1, 1, 1, 1])
                 .expand([dc[i], 1, p.size()[2], p.size()[3]], false);
             let p = p.gather(1, &idx, false).squeeze_dim(1);
-            let sf = Tensor::from_slice(&m.sf4()).to_device(p.device());
-            let b = &scaled[i] / sf;
+            let b = &scaled[i] / scale_row(m, &p);
             mask_head::paste_masks(&p, &b, m.ori_shape.0, m.ori_shape.1, thr)
         })
         .collect()
+}
+
+/// An image's scale factor (w, h, w, h) on `like`'s device as f32, written by fill kernels (no
+/// upload per image).
+fn scale_row(m: &ImgMeta, like: &Tensor) -> Tensor {
+    crate::sync_count::filled(&m.sf4().map(f64::from), Kind::Float, like.device())
 }
 
 /// Box detections plus (when the model has masks) their masks, image by image.

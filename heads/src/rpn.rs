@@ -14,6 +14,7 @@ use tch::{Kind, Reduction, Tensor};
 
 /// Proposal settings (mmdet `rpn` test cfg / `rpn_proposal` train cfg).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProposalCfg {
     pub nms_pre: i64,
     pub max_per_img: i64,
@@ -188,8 +189,11 @@ impl RpnHead {
                         let valid = bw
                             .gt(cfg.min_bbox_size)
                             .logical_and(&bh.gt(cfg.min_bbox_size));
-                        if !bool::try_from(valid.all()).unwrap_or(true) {
-                            let k = valid.nonzero().view([-1]);
+                        // One read (the size of `nonzero`), not two: selecting every box when
+                        // all are valid is the identity.
+                        crate::sync_count::host_read("rpn valid boxes");
+                        let k = valid.nonzero().view([-1]);
+                        if k.size()[0] < props.size()[0] {
                             props = props.index_select(0, &k);
                             scores = scores.index_select(0, &k);
                             ids = ids.index_select(0, &k);
@@ -236,7 +240,7 @@ impl RpnHead {
         // One call site for the whole batch's sampling; image i draws from its own stream.
         let site = cnx_backbone::replica::next_site();
         for i in 0..n {
-            let (labels, lw, tgt, bw, inside) = tch::no_grad(|| {
+            let (labels, lw, tgt, bw, inside, sampled) = tch::no_grad(|| {
                 let valid: Vec<Tensor> = out
                     .cls
                     .iter()
@@ -257,16 +261,17 @@ impl RpnHead {
                     img_shapes[i],
                     self.allowed_border,
                 );
-                let vidx = inside.nonzero().view([-1]);
-                let anc = all_anchors.index_select(0, &vidx);
+                // Anchors outside are ignored by the assignment rather than selected away:
+                // the same samples (candidates keep their relative order) with indices into
+                // all anchors, and no host read of the inside count.
+                let anc = &all_anchors;
                 let gt = &gt_boxes[i];
                 let gl = Tensor::zeros([gt.size()[0]], (Kind::Int64, device));
-                let assign = self.assigner.assign(&anc, gt, &gl);
+                let assign = self.assigner.assign_within(anc, gt, &gl, Some(&inside));
                 let mut stream = site.as_ref().map(|s| s.stream(i));
                 let s = self
                     .sampler
-                    .sample_keyed(&assign, &anc, gt, &gl, stream.as_mut());
-                let total = all_anchors.size()[0];
+                    .sample_keyed(&assign, anc, gt, &gl, stream.as_mut());
                 let na = anc.size()[0];
                 let mut labels = Tensor::zeros([na], (Kind::Float, device));
                 let mut lw = Tensor::zeros([na], (Kind::Float, device));
@@ -284,21 +289,18 @@ impl RpnHead {
                 if s.num_neg() > 0 {
                     let _ = lw.index_fill_(0, &s.neg_inds, 1.0);
                 }
-                let unmap = |t: &Tensor, fill: f64| {
-                    let mut shape = t.size();
-                    shape[0] = total;
-                    let z = Tensor::full(shape.as_slice(), fill, (t.kind(), device));
-                    z.index_copy(0, &vidx, t)
-                };
                 (
-                    unmap(&labels, 0.0),
-                    unmap(&lw, 0.0),
-                    unmap(&tgt, 0.0),
-                    unmap(&bw, 0.0),
+                    labels,
+                    lw,
+                    tgt,
+                    bw,
                     inside,
+                    // Anchors with weight 1: the sampled positives and negatives (disjoint
+                    // sets of distinct indices), known from their sizes without a read.
+                    s.num_pos() + s.num_neg(),
                 )
             });
-            num_samples += i64::try_from(lw.gt(0.0).sum(Kind::Int64)).unwrap_or(0);
+            num_samples += sampled;
             labels_all.push(labels);
             lw_all.push(lw);
             tgt_all.push(tgt);

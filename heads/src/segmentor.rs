@@ -14,33 +14,17 @@ use tch::{nn, Kind, Tensor};
 /// Errors of configuration and inference.
 #[derive(Debug, thiserror::Error)]
 pub enum SegError {
-    #[error("unknown segmentation preset '{0}'; valid presets: {list}", list = PRESETS.join(", "))]
-    UnknownPreset(String),
     #[error("unknown ConvNeXt size '{0}' (tiny, small, base, large, xlarge)")]
     UnknownSize(String),
     #[error("invalid segmentor configuration: {0}")]
     Config(String),
 }
 
-/// The paper's ADE20K UperNet presets (ConvNeXt rows, then the Swin comparison rows).
-pub const PRESETS: [&str; 11] = [
-    "upernet_convnext_tiny_512_160k",
-    "upernet_convnext_small_512_160k",
-    "upernet_convnext_base_512_160k",
-    "upernet_convnext_base_640_160k_in22k",
-    "upernet_convnext_large_640_160k_in22k",
-    "upernet_convnext_xlarge_640_160k_in22k",
-    "upernet_swin_tiny_512_160k",
-    "upernet_swin_small_512_160k",
-    "upernet_swin_base_512_160k",
-    "upernet_swin_base_640_160k_in22k",
-    "upernet_swin_large_640_160k_in22k",
-];
-
 /// The dense backbone of a segmentor: a ConvNeXt (serialisable mirror of [`ConvNeXtConfig`]),
 /// or, when `name` is set, a comparison backbone (`swin_tiny`, `resnet50`, ... see
 /// [`cnx_backbone::config::BACKBONES`]) returning all four stages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackboneSpec {
     pub depths: Vec<i64>,
     pub dims: Vec<i64>,
@@ -49,6 +33,10 @@ pub struct BackboneSpec {
     pub out_indices: Vec<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// ImageNet checkpoint that initialises the backbone (mmseg's `init_cfg`), loaded by the
+    /// trainer before the first step; empty = random initialisation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pretrained: String,
 }
 
 impl BackboneSpec {
@@ -71,6 +59,7 @@ impl BackboneSpec {
             layer_scale_init_value: 0.0,
             out_indices: vec![0, 1, 2, 3],
             name: Some(name.to_string()),
+            pretrained: String::new(),
         })
     }
 
@@ -92,6 +81,7 @@ impl BackboneSpec {
 
 /// `UPerHead` settings (`decode_head`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DecodeHeadSpec {
     pub channels: i64,
     pub pool_scales: Vec<i64>,
@@ -101,6 +91,7 @@ pub struct DecodeHeadSpec {
 
 /// `FCNHead` settings (`auxiliary_head`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuxHeadSpec {
     pub in_index: usize,
     pub channels: i64,
@@ -133,6 +124,7 @@ impl std::str::FromStr for TestMode {
 
 /// Test-time settings: the test pipeline's scale and `test_cfg`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TestSpec {
     /// Single-scale mode (the paper's single-scale numbers use `slide`).
     pub mode: TestMode,
@@ -151,6 +143,7 @@ pub struct TestSpec {
 
 /// Everything that defines a segmentor and how it is trained / tested per image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SegmentorConfig {
     pub name: String,
     pub num_classes: i64,
@@ -159,19 +152,10 @@ pub struct SegmentorConfig {
     pub backbone: BackboneSpec,
     pub decode_head: DecodeHeadSpec,
     pub auxiliary_head: Option<AuxHeadSpec>,
-    /// Training crop (h, w) and the keep-ratio train scale (long, short) before ratio jitter.
-    pub crop_size: [i64; 2],
-    pub train_scale: [i64; 2],
     /// RGB normalisation on the 0..255 scale.
     pub mean: [f64; 3],
     pub std: [f64; 3],
     pub test: TestSpec,
-    /// Optimiser settings of the recipe (AdamW, stage-wise lr decay).
-    pub lr: f64,
-    pub layer_decay_rate: f64,
-    pub weight_decay: f64,
-    pub warmup_iters: i64,
-    pub max_iters: i64,
 }
 
 impl SegmentorConfig {
@@ -196,6 +180,7 @@ impl SegmentorConfig {
                 layer_scale_init_value: 1.0,
                 out_indices: vec![0, 1, 2, 3],
                 name: None,
+                pretrained: String::new(),
             },
             decode_head: DecodeHeadSpec {
                 channels: 512,
@@ -211,8 +196,6 @@ impl SegmentorConfig {
                 dropout_ratio: 0.1,
                 loss_weight: 0.4,
             }),
-            crop_size: [512, 512],
-            train_scale: [2048, 512],
             mean: [123.675, 116.28, 103.53],
             std: [58.395, 57.12, 57.375],
             test: TestSpec {
@@ -224,56 +207,15 @@ impl SegmentorConfig {
                 aug_flip: true,
                 aug_mode: TestMode::Whole,
             },
-            lr: if short == "xlarge" { 8e-5 } else { 1e-4 },
-            layer_decay_rate: 0.9,
-            weight_decay: 0.05,
-            warmup_iters: 1500,
-            max_iters: 160_000,
         })
     }
 
     /// The 640-crop variant (ImageNet-22K pre-trained backbones): 2560x640, crop 640, stride 426.
-    fn into_640(mut self) -> Self {
-        self.crop_size = [640, 640];
-        self.train_scale = [2560, 640];
+    pub fn crop_640(mut self) -> Self {
         self.test.crop_size = [640, 640];
         self.test.stride = [426, 426];
         self.test.img_scale = [2560, 640];
         self
-    }
-
-    /// One of [`PRESETS`], or a comparison row (`upernet_swin_tiny_512_160k`, ...: the Swin
-    /// repo's recipe, AdamW lr 6e-5 / weight decay 0.01, no layer decay).
-    pub fn preset(name: &str) -> Result<Self, SegError> {
-        if let Some(p) = cnx_backbone::config::comparison_preset(name) {
-            if p.arch != "upernet" {
-                return Err(SegError::UnknownPreset(name.into()));
-            }
-            let mut cfg = Self::upernet_convnext("tiny")?;
-            if p.crop == 640 {
-                cfg = cfg.into_640();
-            }
-            cfg.name = name.to_string();
-            cfg.backbone = BackboneSpec::from_name(p.backbone_name, p.drop_path)?;
-            cfg.lr = p.lr;
-            cfg.weight_decay = p.weight_decay;
-            cfg.layer_decay_rate = 1.0;
-            return Ok(cfg);
-        }
-        let rest = name
-            .strip_prefix("upernet_convnext_")
-            .ok_or_else(|| SegError::UnknownPreset(name.into()))?;
-        let mut cfg = match rest {
-            "tiny_512_160k" => Self::upernet_convnext("tiny")?,
-            "small_512_160k" => Self::upernet_convnext("small")?,
-            "base_512_160k" => Self::upernet_convnext("base")?,
-            "base_640_160k_in22k" => Self::upernet_convnext("base")?.into_640(),
-            "large_640_160k_in22k" => Self::upernet_convnext("large")?.into_640(),
-            "xlarge_640_160k_in22k" => Self::upernet_convnext("xlarge")?.into_640(),
-            _ => return Err(SegError::UnknownPreset(name.into())),
-        };
-        cfg.name = name.to_string();
-        Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<(), SegError> {

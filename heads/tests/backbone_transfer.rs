@@ -89,18 +89,15 @@ fn mask_rcnn_with_swin_and_resnet() {
         assert_eq!(dets.len(), 1);
         assert_eq!(dets[0].boxes.size()[1], 4);
     }
-    // The comparison preset builds the same model.
-    let cfg = DetectorConfig::preset("mask_rcnn_swin_tiny_3x").unwrap();
-    assert_eq!(cfg.backbone.name.as_deref(), Some("swin_tiny"));
-    assert_eq!(cfg.backbone.drop_path_rate, 0.2);
-    assert!(DetectorConfig::preset("mask_rcnn_vgg16_3x").is_err());
+    // A named backbone the project lacks is refused.
+    assert!(BackboneCfg::named("vgg16", 0.0).is_err());
 }
 
 #[test]
 fn cascade_with_resnet_and_swin_presets() {
     tch::manual_seed(0);
     for preset in ["cascade_mask_rcnn_r50_3x", "cascade_mask_rcnn_swin_tiny_3x"] {
-        let cfg = CascadeConfig::preset(preset).unwrap();
+        let cfg = cascade_row(preset);
         let backbone = cfg.base.backbone.name.clone().unwrap();
         let vs = VarStore::new(Device::Cpu);
         let det = CascadeDetector::new(&vs.root(), &cfg);
@@ -117,10 +114,7 @@ fn cascade_with_resnet_and_swin_presets() {
     }
     // Names of the backbones' checkpoints (timm/official Swin, torchvision ResNet).
     let vs = VarStore::new(Device::Cpu);
-    let _ = CascadeDetector::new(
-        &vs.root(),
-        &CascadeConfig::preset("cascade_mask_rcnn_x101_32x4d_3x").unwrap(),
-    );
+    let _ = CascadeDetector::new(&vs.root(), &cascade_row("cascade_mask_rcnn_x101_32x4d_3x"));
     let vars = vs.variables();
     assert_eq!(
         vars["backbone.layer1.0.conv2.weight"].size(),
@@ -135,9 +129,9 @@ fn cascade_with_resnet_and_swin_presets() {
 #[test]
 fn upernet_with_swin_and_resnet() {
     tch::manual_seed(0);
-    let mut swin = SegmentorConfig::preset("upernet_swin_tiny_512_160k").unwrap();
-    assert_eq!(swin.lr, 6e-5);
-    assert_eq!(swin.weight_decay, 0.01);
+    // The comparison row's model (its optimizer settings are the engine presets' business).
+    let mut swin = SegmentorConfig::upernet_convnext("tiny").unwrap();
+    swin.backbone = BackboneSpec::from_name("swin_tiny", 0.3).unwrap();
     let mut r50 = SegmentorConfig::upernet_convnext("tiny").unwrap();
     r50.backbone = BackboneSpec::from_name("resnet50", 0.0).unwrap();
     for cfg in [&mut swin, &mut r50] {
@@ -156,10 +150,20 @@ fn upernet_with_swin_and_resnet() {
         assert_eq!(logits.size(), [2, 150, 64, 64], "{backbone}");
     }
     // A named backbone with other outputs is refused with the reason.
-    let mut bad = SegmentorConfig::preset("upernet_swin_tiny_512_160k").unwrap();
+    let mut bad = SegmentorConfig::upernet_convnext("tiny").unwrap();
+    bad.backbone = BackboneSpec::from_name("swin_tiny", 0.3).unwrap();
     bad.backbone.out_indices = vec![1, 2, 3];
     let err = Segmentor::new(&VarStore::new(Device::Cpu).root(), &bad)
         .expect_err("refused")
         .to_string();
     assert!(err.contains("out_indices"), "{err}");
+}
+
+/// A Cascade comparison row's model: the paper's Cascade Mask R-CNN around the row's named
+/// backbone and drop path.
+fn cascade_row(preset: &str) -> CascadeConfig {
+    let p = cnx_backbone::config::comparison_preset(preset).expect("a comparison row");
+    let mut c = CascadeConfig::cascade_mask_rcnn_convnext("tiny").unwrap();
+    c.base.backbone = BackboneCfg::named(p.backbone_name, p.drop_path).unwrap();
+    c
 }

@@ -26,7 +26,7 @@ fn small_config(classes: i64) -> DetectorConfig {
 
 #[test]
 fn flops_and_params_match_the_paper() {
-    let cfg = DetectorConfig::preset("mask_rcnn_convnext_tiny_3x").unwrap();
+    let cfg = DetectorConfig::mask_rcnn_convnext("tiny").unwrap();
     let (params, tally) = cnx_heads::two_stage::complexity(&cfg, [1280, 800]);
     println!("params {params}, flops {:.2}G", tally.total / 1e9);
     assert!((params as f64 / 1e6 - 48.0).abs() < 0.5, "params {params}");
@@ -119,12 +119,15 @@ fn tiny_images_are_padded_and_masks_come_at_the_original_size() {
 }
 
 #[test]
-fn config_round_trips_through_json_and_presets_are_known() {
-    let c = DetectorConfig::preset("mask_rcnn_convnext_tiny_3x").unwrap();
+fn config_round_trips_through_json_and_rejects_unknown_fields() {
+    let c = DetectorConfig::mask_rcnn_convnext("tiny").unwrap();
     let s = serde_json::to_string(&c).unwrap();
     let back: DetectorConfig = serde_json::from_str(&s).unwrap();
     assert_eq!(c, back);
-    assert!(DetectorConfig::preset("nope").is_err());
+    assert!(DetectorConfig::mask_rcnn_convnext("huge").is_err());
+    // A misspelt field anywhere in the model is an error, not a silently ignored setting.
+    let typo = s.replace("\"fc_dim\"", "\"fc_dims\"");
+    assert!(serde_json::from_str::<DetectorConfig>(&typo).is_err());
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use crate::engine::amp;
 use crate::engine::config::Amp;
 use anyhow::Result;
-use cnx_heads::segmentor::{Segmentor, SegmentorConfig, TestMode};
+use cnx_heads::segmentor::{Segmentor, TestMode};
 use std::time::Instant;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
@@ -35,7 +35,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let device = crate::device::resolve(&args.device)?;
     let mode: TestMode = args.mode.parse()?;
-    let cfg = SegmentorConfig::preset(&args.preset)?;
+    let cfg = crate::engine::presets::segmentor(&args.preset)?;
     let vs = VarStore::new(device);
     let seg = Segmentor::new(&vs.root(), &cfg)?;
     let (h, w) = args.input;

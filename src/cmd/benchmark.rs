@@ -173,7 +173,7 @@ fn arch_name(a: Arch) -> &'static str {
 /// The image size (before padding) a preset is tested at: detection's keep-ratio scale
 /// (long, short) as (short, long), segmentation's crop.
 fn default_input(cfg: &Config) -> (i64, i64) {
-    match cfg.model.arch {
+    match cfg.model.arch() {
         Arch::Upernet => (cfg.data.crop_size[0] as i64, cfg.data.crop_size[1] as i64),
         _ => (cfg.data.img_scale[1] as i64, cfg.data.img_scale[0] as i64),
     }
@@ -237,9 +237,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut rng = Rng(args.seed ^ 0x636e_7862);
 
     let vs = VarStore::new(device);
-    let model = match cfg.model.arch {
+    let model = match cfg.model.arch() {
         Arch::Upernet => Model::Seg(Box::new(
-            Segmentor::new(&vs.root(), &tasks::segmentor_config(&cfg)?)
+            Segmentor::new(&vs.root(), tasks::segmentor_config(&cfg)?)
                 .map_err(|e| anyhow!("{}: {e}", cfg.name))?,
         )),
         _ => Model::Det(Box::new(tasks::build_detector(&vs.root(), &cfg)?)),
@@ -279,7 +279,7 @@ pub fn run(args: Args) -> Result<()> {
                 metas: vec![],
                 gts: vec![],
                 labels: args.train.then(|| {
-                    Tensor::randint(cfg.model.num_classes, [n, h, w], (Kind::Int64, device))
+                    Tensor::randint(cfg.model.num_classes(), [n, h, w], (Kind::Int64, device))
                 }),
             }
         }
@@ -424,7 +424,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         let mut out = serde_json::json!({
             "preset": cfg.name,
-            "arch": arch_name(cfg.model.arch),
+            "arch": arch_name(cfg.model.arch()),
             "device": crate::device::label(device),
             "batch": n,
             "train": args.train,
@@ -468,7 +468,7 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "{} ({}), {}, {} threads, {}",
         cfg.name,
-        arch_name(cfg.model.arch),
+        arch_name(cfg.model.arch()),
         crate::device::describe(device),
         tch::get_num_threads(),
         amp_name

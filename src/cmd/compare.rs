@@ -17,7 +17,7 @@ use clap::ValueEnum;
 use cnx_backbone::config as bbcfg;
 use cnx_backbone::{flops, nn as cnn};
 use cnx_eval::coco::IouType;
-use cnx_heads::segmentor::{Segmentor, SegmentorConfig};
+use cnx_heads::segmentor::Segmentor;
 use cnx_heads::DenseModel;
 use plotters::prelude::*;
 use serde::Serialize;
@@ -276,7 +276,7 @@ pub fn build(spec: &RowSpec, device: Device) -> Result<Built> {
         )?),
         "upernet" => Box::new(Segmentor::new_uninit(
             &vs.root(),
-            &SegmentorConfig::preset(&spec.name)?,
+            &crate::engine::presets::segmentor(&spec.name)?,
         )?),
         a => bail!("unknown architecture {a}"),
     };
@@ -500,7 +500,7 @@ fn evaluate_row(args: &Args, spec: &RowSpec, f: &Path, device: Device) -> Result
                 return Ok(None);
             };
             let o = crate::cmd::seg::TestOpts {
-                cfg: SegmentorConfig::preset(&spec.name)?,
+                cfg: crate::engine::presets::segmentor(&spec.name)?,
                 weights: f.to_path_buf(),
                 ade_root: root.clone(),
                 mode: None,

@@ -54,13 +54,16 @@ pub fn known_models() -> Vec<String> {
     let mut v: Vec<String> = convnext::VARIANTS.iter().map(|s| s.to_string()).collect();
     // Comparison backbones and the roadmap steps (backbone::config).
     v.extend(cnx_backbone::config::classifier_names());
-    // UperNet segmentors (mmseg get_flops: backbone + decode head; aux head params counted).
-    v.extend(cnx_heads::segmentor::PRESETS.iter().map(|s| s.to_string()));
-    // Mask R-CNN (mmdet get_flops: forward_dummy with 1000 RoIs / 100 mask RoIs).
-    v.extend(cnx_heads::detector::PRESETS.iter().map(|s| s.to_string()));
-    // Cascade Mask R-CNN (forward_dummy: 1000 RoIs through each of the 3 box heads, 100
-    // through each mask head).
-    v.extend(cnx_heads::cascade::PRESETS.iter().map(|s| s.to_string()));
+    // Every training preset's model: UperNet (mmseg get_flops: backbone + decode head; aux head
+    // params counted), Mask R-CNN (mmdet get_flops: forward_dummy with 1000 RoIs / 100 mask
+    // RoIs), Cascade Mask R-CNN (1000 RoIs through each of the 3 box heads, 100 through each
+    // mask head).
+    v.extend(
+        crate::engine::presets::all()
+            .into_iter()
+            .filter(|p| !p.name.starts_with("demo_"))
+            .map(|p| p.name.to_string()),
+    );
     v
 }
 
@@ -75,19 +78,13 @@ pub fn count_model(name: &str, h: i64, w: i64) -> Result<(i64, f64)> {
     if let Some(r) = crate::cmd::compare::count_preset(name, h, w) {
         return r;
     }
-    if name.starts_with("cascade_mask_rcnn_convnext_") {
-        let cfg = cnx_heads::cascade::CascadeConfig::preset(name)?;
-        let (params, tally) = cnx_heads::two_stage::complexity(&cfg, [h, w]);
-        return Ok((params, tally.total));
-    }
-    if name.starts_with("mask_rcnn_") {
-        let cfg = cnx_heads::DetectorConfig::preset(name)?;
-        let (params, tally) = cnx_heads::two_stage::complexity(&cfg, [h, w]);
-        return Ok((params, tally.total));
-    }
-    if name.starts_with("upernet_") {
-        let cfg = cnx_heads::segmentor::SegmentorConfig::preset(name)?;
-        let (params, tally) = cnx_heads::segmentor::complexity(&cfg, [h, w])?;
+    if let Ok(model) = crate::engine::presets::model(name) {
+        use crate::engine::config::ModelConfig;
+        let (params, tally) = match &model {
+            ModelConfig::MaskRcnn(d) => cnx_heads::two_stage::complexity(d, [h, w]),
+            ModelConfig::CascadeMaskRcnn(c) => cnx_heads::two_stage::complexity(c, [h, w]),
+            ModelConfig::Upernet(s) => cnx_heads::segmentor::complexity(s, [h, w])?,
+        };
         return Ok((params, tally.total));
     }
     // Swin, ResNet/ResNeXt and roadmap classifiers (backbone::config).

@@ -13,7 +13,7 @@ use cnx_datasets::classes::{COCO_CAT_IDS, COCO_CLASSES};
 
 use cnx_datasets::image_io;
 use cnx_datasets::pipeline::{normalize_into, pad_up, TestPipeline};
-use cnx_heads::{Detector, DetectorConfig, ImgMeta};
+use cnx_heads::{Detector, ImgMeta};
 use std::path::PathBuf;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
@@ -92,7 +92,11 @@ fn bench(args: &Args, device: Device, iters: usize) -> Result<()> {
     let Some(preset) = &args.preset else {
         bail!("--bench needs --preset")
     };
-    let mut cfg = DetectorConfig::preset(preset)?;
+    let crate::engine::config::ModelConfig::MaskRcnn(mut cfg) =
+        crate::engine::presets::model(preset)?
+    else {
+        bail!("--bench times Mask R-CNN presets; {preset} is not one")
+    };
     cfg.roi.test.score_thr = 0.0;
     let mut vs = VarStore::new(device);
     let det = Detector::new(&vs.root(), &cfg);

@@ -29,7 +29,7 @@ pub fn run(args: Args) -> Result<()> {
                     PaperNumbers::None => serde_json::Value::Null,
                 };
                 serde_json::json!({"name": p.name, "description": p.description, "lr": c.optimizer.lr,
-                    "decay_rate": c.optimizer.decay_rate, "drop_path": c.model.backbone.drop_path_rate, "paper": paper})
+                    "decay_rate": c.optimizer.decay_rate, "drop_path": c.model.drop_path_rate(), "paper": paper})
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -96,7 +96,7 @@ pub fn table() -> String {
             c.optimizer.lr,
             c.optimizer.weight_decay,
             decay,
-            c.model.backbone.drop_path_rate,
+            c.model.drop_path_rate(),
             c.data.batch_size,
             sched,
             paper

@@ -174,10 +174,6 @@ pub fn run(args: Args) -> Result<()> {
         if !p.exists() {
             bail!("--pretrained {}: file not found", p.display());
         }
-        sets.push(format!(
-            "model.backbone.pretrained={:?}",
-            p.display().to_string()
-        ));
     }
     if let Some(w) = &args.work_dir {
         sets.push(format!("runtime.work_dir={:?}", w.display().to_string()));
@@ -186,7 +182,10 @@ pub fn run(args: Args) -> Result<()> {
         sets.push(format!("runtime.device={d:?}"));
     }
     sets.extend(args.sets.iter().cloned());
-    let cfg = resolve_config(args.preset.as_deref(), args.config.as_ref(), &sets)?;
+    let mut cfg = resolve_config(args.preset.as_deref(), args.config.as_ref(), &sets)?;
+    if let Some(p) = &args.pretrained {
+        cfg.model.set_pretrained(&p.display().to_string());
+    }
     let opts = RunOptions {
         resume: args.resume.clone(),
         stop_at: args.stop_at,

@@ -6,6 +6,9 @@
 //! ignored setting.
 
 use anyhow::{anyhow, bail, Context, Result};
+pub use cnx_heads::cascade::CascadeConfig;
+pub use cnx_heads::segmentor::SegmentorConfig;
+pub use cnx_heads::DetectorConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -40,74 +43,130 @@ pub enum Arch {
     Upernet,
 }
 
-/// The network: backbone plus neck/heads.
+/// The network: the heads crate's own configuration of the architecture `arch` names, read
+/// straight from the `[model]` table (`arch = "mask_rcnn" | "cascade_mask_rcnn" | "upernet"`,
+/// then that type's fields: mmdet / mmseg's model dicts, field for field). What `cnx train`
+/// builds, what checkpoints record and what `test` / `predict` rebuild: no other description
+/// of a model exists.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    pub arch: Arch,
-    pub backbone: BackboneConfig,
+#[serde(tag = "arch", rename_all = "snake_case")]
+pub enum ModelConfig {
+    MaskRcnn(DetectorConfig),
+    CascadeMaskRcnn(CascadeConfig),
+    Upernet(SegmentorConfig),
+}
+
+impl ModelConfig {
+    pub fn arch(&self) -> Arch {
+        match self {
+            ModelConfig::MaskRcnn(_) => Arch::MaskRcnn,
+            ModelConfig::CascadeMaskRcnn(_) => Arch::CascadeMaskRcnn,
+            ModelConfig::Upernet(_) => Arch::Upernet,
+        }
+    }
+
+    /// The two-stage detector part (Cascade's shared base), `None` for a segmentor.
+    pub fn detector(&self) -> Option<&DetectorConfig> {
+        match self {
+            ModelConfig::MaskRcnn(d) => Some(d),
+            ModelConfig::CascadeMaskRcnn(c) => Some(&c.base),
+            ModelConfig::Upernet(_) => None,
+        }
+    }
+
+    fn detector_mut(&mut self) -> Option<&mut DetectorConfig> {
+        match self {
+            ModelConfig::MaskRcnn(d) => Some(d),
+            ModelConfig::CascadeMaskRcnn(c) => Some(&mut c.base),
+            ModelConfig::Upernet(_) => None,
+        }
+    }
+
     /// Foreground classes (80 for COCO, 150 for ADE20K).
-    pub num_classes: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub det: Option<DetHeadConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seg: Option<SegHeadConfig>,
-}
+    pub fn num_classes(&self) -> i64 {
+        match self {
+            ModelConfig::Upernet(s) => s.num_classes,
+            m => m.detector().expect("a detector").roi.num_classes,
+        }
+    }
 
-/// The backbone: a dense ConvNeXt (a LayerNorm after every output stage) from depths/dims, or a
-/// comparison backbone built by name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackboneConfig {
-    /// `convnext_{tiny,small,base,large,xlarge}` or another `convnext*` name (depths/dims then
-    /// rule); or `swin_{tiny,small,base,large}`, `resnet50`, `resnet101`,
-    /// `resnext101_{32x4d,64x4d}`, built with their family's detection defaults (depths, dims
-    /// and layer_scale_init unused).
-    pub variant: String,
-    pub depths: Vec<i64>,
-    pub dims: Vec<i64>,
-    pub drop_path_rate: f64,
-    pub layer_scale_init: f64,
-    pub out_indices: Vec<i64>,
-    /// ImageNet checkpoint (official `.pth`, timm or safetensors) that initialises the backbone;
-    /// empty = random init. `cnx train --pretrained FILE` sets it.
-    #[serde(default)]
-    pub pretrained: String,
-}
+    pub fn set_num_classes(&mut self, n: i64) {
+        match self {
+            ModelConfig::Upernet(s) => s.num_classes = n,
+            m => m.detector_mut().expect("a detector").roi.num_classes = n,
+        }
+    }
 
-/// FPN + RPN + RoI heads (mmdet 2.x defaults of the paper's configs).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DetHeadConfig {
-    pub fpn_channels: i64,
-    pub rpn_train_nms_pre: i64,
-    pub rpn_train_max_per_img: i64,
-    pub rpn_test_nms_pre: i64,
-    pub rpn_test_max_per_img: i64,
-    pub rpn_nms_iou: f64,
-    pub rcnn_train_num_rois: i64,
-    pub rcnn_pos_fraction: f64,
-    pub roi_fc_channels: i64,
-    pub mask_convs: i64,
-    pub test_score_thr: f64,
-    pub test_nms_iou: f64,
-    pub test_max_per_img: i64,
-    pub mask_thr: f64,
-}
+    /// The model's name (the config's name, as mmdet configs carry it).
+    pub fn set_name(&mut self, name: &str) {
+        match self {
+            ModelConfig::Upernet(s) => s.name = name.to_string(),
+            m => m.detector_mut().expect("a detector").name = name.to_string(),
+        }
+    }
 
-/// UperNet decode head + FCN auxiliary head.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SegHeadConfig {
-    pub channels: i64,
-    pub pool_scales: Vec<i64>,
-    pub aux_channels: i64,
-    pub aux_loss_weight: f64,
-    pub dropout: f64,
-    /// "slide" (crop/stride below) or "whole".
-    pub test_mode: String,
-    pub test_crop: i64,
-    pub test_stride: i64,
+    /// The backbone's dense config (ConvNeXt from depths/dims, or a comparison backbone by
+    /// name): what checkpoint key mapping and the optimizer's layer ids go by.
+    pub fn backbone(&self) -> Result<cnx_backbone::config::BackboneConfig> {
+        match self {
+            ModelConfig::Upernet(s) => {
+                Ok(match s.backbone.named().map_err(|e| anyhow!("{e}"))? {
+                    Some(b) => b,
+                    None => {
+                        cnx_backbone::config::BackboneConfig::ConvNeXt(s.backbone.to_convnext())
+                    }
+                })
+            }
+            m => m
+                .detector()
+                .expect("a detector")
+                .backbone
+                .dense()
+                .map_err(|e| anyhow!("{e}")),
+        }
+    }
+
+    /// The comparison backbone's name (Swin, ResNet, ResNeXt), `None` for ConvNeXt.
+    pub fn backbone_name(&self) -> Option<&str> {
+        match self {
+            ModelConfig::Upernet(s) => s.backbone.name.as_deref(),
+            m => m.detector().expect("a detector").backbone.name.as_deref(),
+        }
+    }
+
+    /// ConvNeXt depths and widths (empty for a named backbone).
+    pub fn depths_dims(&self) -> (&[i64], &[i64]) {
+        match self {
+            ModelConfig::Upernet(s) => (&s.backbone.depths, &s.backbone.dims),
+            m => {
+                let b = &m.detector().expect("a detector").backbone;
+                (&b.depths, &b.dims)
+            }
+        }
+    }
+
+    pub fn drop_path_rate(&self) -> f64 {
+        match self {
+            ModelConfig::Upernet(s) => s.backbone.drop_path_rate,
+            m => m.detector().expect("a detector").backbone.drop_path_rate,
+        }
+    }
+
+    /// Initialise the backbone from this ImageNet checkpoint (`cnx train --pretrained`).
+    pub fn set_pretrained(&mut self, path: &str) {
+        match self {
+            ModelConfig::Upernet(s) => s.backbone.pretrained = path.to_string(),
+            m => m.detector_mut().expect("a detector").backbone.pretrained = path.to_string(),
+        }
+    }
+
+    /// The ImageNet checkpoint that initialises the backbone (empty: none).
+    pub fn pretrained(&self) -> &str {
+        match self {
+            ModelConfig::Upernet(s) => &s.backbone.pretrained,
+            m => &m.detector().expect("a detector").backbone.pretrained,
+        }
+    }
 }
 
 /// Dataset location, pipeline and batching.
@@ -293,16 +352,18 @@ impl Config {
 
     /// Checks that do not need any file: consistent lengths and positive sizes.
     pub fn validate(&self) -> Result<()> {
-        let b = &self.model.backbone;
-        if !b.variant.starts_with("convnext") {
-            // Swin / ResNet / ResNeXt are built by name (checked here); depths and dims unused.
-            super::tasks::named_backbone(self)?;
-        } else if b.depths.len() != 4 || b.dims.len() != 4 {
+        let (depths, dims) = self.model.depths_dims();
+        if self.model.backbone_name().is_none() && (depths.len() != 4 || dims.len() != 4) {
             bail!(
-                "model.backbone: depths and dims need 4 entries (got {} and {})",
-                b.depths.len(),
-                b.dims.len()
+                "model backbone: depths and dims need 4 entries (got {} and {})",
+                depths.len(),
+                dims.len()
             );
+        }
+        // Swin / ResNet / ResNeXt are built by name: an unknown name is an error here.
+        self.model.backbone()?;
+        if let ModelConfig::Upernet(s) = &self.model {
+            s.validate().map_err(|e| anyhow!("model: {e}"))?;
         }
         if self.data.batch_size == 0 {
             bail!("data.batch_size must be at least 1");
@@ -313,21 +374,15 @@ impl Config {
         if self.runtime.max_iters == 0 && self.runtime.max_epochs == 0 {
             bail!("runtime: set max_iters or max_epochs");
         }
-        match (self.task, self.model.arch) {
+        match (self.task, self.model.arch()) {
             (Task::Det, Arch::Upernet) | (Task::Seg, Arch::MaskRcnn | Arch::CascadeMaskRcnn) => {
                 bail!(
                     "task {:?} does not match model.arch {:?}",
                     self.task,
-                    self.model.arch
+                    self.model.arch()
                 )
             }
             _ => {}
-        }
-        if self.task == Task::Det && self.model.det.is_none() {
-            bail!("model.det table missing for a detection config");
-        }
-        if self.task == Task::Seg && self.model.seg.is_none() {
-            bail!("model.seg table missing for a segmentation config");
         }
         if self.schedule.policy == Policy::Step
             && self.schedule.step_epochs.windows(2).any(|w| w[0] >= w[1])
@@ -413,6 +468,7 @@ mod tests {
                 "data.batch_size=4".into(),
                 "runtime.device=cpu".into(),
                 "model.backbone.drop_path_rate=0".into(),
+                "model.roi.num_classes=12".into(),
                 "schedule.step_epochs=[8, 11]".into(),
                 "data.root=/tmp/x".into(),
             ])
@@ -420,7 +476,8 @@ mod tests {
         assert_eq!(c2.optimizer.lr, 2e-4);
         assert_eq!(c2.data.batch_size, 4);
         assert_eq!(c2.runtime.device, "cpu");
-        assert_eq!(c2.model.backbone.drop_path_rate, 0.0);
+        assert_eq!(c2.model.drop_path_rate(), 0.0);
+        assert_eq!(c2.model.num_classes(), 12);
         assert_eq!(c2.schedule.step_epochs, vec![8, 11]);
         assert_eq!(c2.data.root, std::path::PathBuf::from("/tmp/x"));
         assert!(c.with_overrides(&["optimizer.lrr=1".into()]).is_err());

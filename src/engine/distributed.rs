@@ -228,15 +228,28 @@ fn run_group(
     let mut failed: Option<(usize, String)> = None;
     let mut codes: Vec<Option<std::process::ExitStatus>> = vec![None; n];
     while codes.iter().any(Option::is_none) {
+        // Ranks that ended in this pass; when several failed together (one died, the others
+        // lost their peer), the one killed by a signal is the cause, else the first.
+        let mut ended: Vec<(usize, std::process::ExitStatus)> = Vec::new();
         for (rank, c) in children.iter_mut() {
             if codes[*rank].is_none() {
                 if let Ok(Some(st)) = c.try_wait() {
                     codes[*rank] = Some(st);
-                    if failed.is_none() && !st.success() && st.code() != Some(130) {
-                        failed = Some((*rank, describe_exit(st)));
-                    }
+                    ended.push((*rank, st));
                 }
             }
+        }
+        if failed.is_none() {
+            use std::os::unix::process::ExitStatusExt;
+            let bad = || {
+                ended
+                    .iter()
+                    .filter(|(_, st)| !st.success() && st.code() != Some(130))
+            };
+            failed = bad()
+                .find(|(_, st)| st.signal().is_some())
+                .or_else(|| bad().next())
+                .map(|&(rank, st)| (rank, describe_exit(st)));
         }
         if failed.is_some() {
             // One rank is gone: the others cannot finish a step; stop them now rather than at
@@ -248,7 +261,7 @@ fn run_group(
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
     let interrupted = codes.iter().any(|c| c.and_then(|s| s.code()) == Some(130));
     match failed {

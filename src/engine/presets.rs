@@ -139,10 +139,21 @@ fn comparison(name: &str) -> Config {
         _ => det(Arch::CascadeMaskRcnn, "tiny", false, p.lr, 1.0, p.drop_path),
     };
     c.name = name.to_string();
-    c.model.backbone.variant = p.backbone_name.to_string();
-    c.model.backbone.depths = vec![];
-    c.model.backbone.dims = p.backbone.out_channels();
-    c.model.backbone.layer_scale_init = 0.0;
+    c.model.set_name(name);
+    match &mut c.model {
+        ModelConfig::Upernet(s) => {
+            s.backbone = cnx_heads::segmentor::BackboneSpec::from_name(p.backbone_name, p.drop_path)
+                .expect("a comparison backbone")
+        }
+        ModelConfig::MaskRcnn(d) => {
+            d.backbone = cnx_heads::detector::BackboneCfg::named(p.backbone_name, p.drop_path)
+                .expect("a comparison backbone")
+        }
+        ModelConfig::CascadeMaskRcnn(k) => {
+            k.base.backbone = cnx_heads::detector::BackboneCfg::named(p.backbone_name, p.drop_path)
+                .expect("a comparison backbone")
+        }
+    }
     c.optimizer.weight_decay = p.weight_decay;
     c.optimizer.decay_type = DecayType::None;
     c.optimizer.decay_rate = 1.0;
@@ -311,6 +322,14 @@ pub fn all() -> Vec<Preset> {
             build: Recipe::Fn(demo_det),
         },
         Preset {
+            name: "demo_cascade_mask_rcnn_convnext_nano",
+            description: Cow::Borrowed(
+                "demo: tiny ConvNeXt Cascade Mask R-CNN on synthetic COCO-format shapes (CPU)",
+            ),
+            paper: None,
+            build: Recipe::Fn(demo_cascade),
+        },
+        Preset {
             name: "demo_upernet_convnext_nano",
             description: Cow::Borrowed(
                 "demo: tiny ConvNeXt UperNet on synthetic ADE-format scenes (CPU)",
@@ -335,6 +354,19 @@ pub fn find(name: &str) -> anyhow::Result<Preset> {
     })
 }
 
+/// The model a preset describes (the one registry every command builds presets from).
+pub fn model(name: &str) -> anyhow::Result<ModelConfig> {
+    Ok(find(name)?.config().model)
+}
+
+/// A UperNet preset's segmentor.
+pub fn segmentor(name: &str) -> anyhow::Result<SegmentorConfig> {
+    match model(name)? {
+        ModelConfig::Upernet(s) => Ok(s),
+        _ => anyhow::bail!("{name} is not a UperNet preset"),
+    }
+}
+
 /// Depths and widths of the ConvNeXt variants (paper Table / models.md).
 pub fn convnext_arch(size: &str) -> (Vec<i64>, Vec<i64>) {
     match size {
@@ -344,38 +376,6 @@ pub fn convnext_arch(size: &str) -> (Vec<i64>, Vec<i64>) {
         "large" => (vec![3, 3, 27, 3], vec![192, 384, 768, 1536]),
         "xlarge" => (vec![3, 3, 27, 3], vec![256, 512, 1024, 2048]),
         other => panic!("no ConvNeXt size {other}"),
-    }
-}
-
-fn backbone(size: &str, drop_path: f64) -> BackboneConfig {
-    let (depths, dims) = convnext_arch(size);
-    BackboneConfig {
-        variant: format!("convnext_{size}"),
-        depths,
-        dims,
-        drop_path_rate: drop_path,
-        layer_scale_init: 1.0,
-        out_indices: vec![0, 1, 2, 3],
-        pretrained: String::new(),
-    }
-}
-
-fn det_heads(cascade: bool) -> DetHeadConfig {
-    DetHeadConfig {
-        fpn_channels: 256,
-        rpn_train_nms_pre: 2000,
-        rpn_train_max_per_img: if cascade { 2000 } else { 1000 },
-        rpn_test_nms_pre: 1000,
-        rpn_test_max_per_img: 1000,
-        rpn_nms_iou: 0.7,
-        rcnn_train_num_rois: 512,
-        rcnn_pos_fraction: 0.25,
-        roi_fc_channels: 1024,
-        mask_convs: 4,
-        test_score_thr: 0.05,
-        test_nms_iou: 0.5,
-        test_max_per_img: 100,
-        mask_thr: 0.5,
     }
 }
 
@@ -423,19 +423,25 @@ fn det(arch: Arch, size: &str, in22k: bool, lr: f64, decay_rate: f64, drop_path:
     } else {
         "mask_rcnn"
     };
+    let name = format!(
+        "{prefix}_convnext_{size}_3x{}",
+        if in22k { "_in22k" } else { "" }
+    );
+    // The paper's model (mmdet's configs): 80 classes, the recipe's drop path.
+    let mut model = if cascade {
+        let mut c = CascadeConfig::cascade_mask_rcnn_convnext(size).expect("a ConvNeXt size");
+        c.base.backbone.drop_path_rate = drop_path;
+        ModelConfig::CascadeMaskRcnn(c)
+    } else {
+        let mut d = DetectorConfig::mask_rcnn_convnext(size).expect("a ConvNeXt size");
+        d.backbone.drop_path_rate = drop_path;
+        ModelConfig::MaskRcnn(d)
+    };
+    model.set_name(&name);
     Config {
-        name: format!(
-            "{prefix}_convnext_{size}_3x{}",
-            if in22k { "_in22k" } else { "" }
-        ),
+        name,
         task: Task::Det,
-        model: ModelConfig {
-            arch,
-            backbone: backbone(size, drop_path),
-            num_classes: 80,
-            det: Some(det_heads(cascade)),
-            seg: None,
-        },
+        model,
         data: coco_data(),
         optimizer: OptimizerConfig {
             lr,
@@ -484,28 +490,22 @@ fn seg(size: &str, crop: u32, lr: f64, drop_path: f64) -> Config {
     } else {
         ([2048, 512], 341)
     };
+    let name = format!(
+        "upernet_convnext_{size}_{crop}_160k{}",
+        if crop == 640 { "_in22k" } else { "" }
+    );
+    // mmseg's UperNet config: 150 classes, slide inference at the crop size.
+    let mut m = SegmentorConfig::upernet_convnext(size).expect("a ConvNeXt size");
+    if crop == 640 {
+        m = m.crop_640();
+    }
+    m.backbone.drop_path_rate = drop_path;
+    m.name = name.clone();
+    debug_assert_eq!(m.test.stride, [stride, stride]);
     Config {
-        name: format!(
-            "upernet_convnext_{size}_{crop}_160k{}",
-            if crop == 640 { "_in22k" } else { "" }
-        ),
+        name,
         task: Task::Seg,
-        model: ModelConfig {
-            arch: Arch::Upernet,
-            backbone: backbone(size, drop_path),
-            num_classes: 150,
-            det: None,
-            seg: Some(SegHeadConfig {
-                channels: 512,
-                pool_scales: vec![1, 2, 3, 6],
-                aux_channels: 256,
-                aux_loss_weight: 0.4,
-                dropout: 0.1,
-                test_mode: "slide".into(),
-                test_crop: crop as i64,
-                test_stride: stride,
-            }),
-        },
+        model: ModelConfig::Upernet(m),
         data: DataConfig {
             format: "ade".into(),
             root: PathBuf::from("data/ade/ADEChallengeData2016"),
@@ -566,27 +566,10 @@ fn seg(size: &str, crop: u32, lr: f64, drop_path: f64) -> Config {
 fn demo_det() -> Config {
     let mut c = det(Arch::MaskRcnn, "tiny", false, 1e-4, 0.95, 0.0);
     c.name = "demo_mask_rcnn_convnext_nano".into();
-    c.model.backbone = BackboneConfig {
-        variant: "convnext_nano_demo".into(),
-        depths: vec![1, 1, 2, 1],
-        dims: vec![16, 32, 64, 128],
-        drop_path_rate: 0.0,
-        layer_scale_init: 1.0,
-        out_indices: vec![0, 1, 2, 3],
-        pretrained: String::new(),
+    let ModelConfig::MaskRcnn(d) = &mut c.model else {
+        unreachable!("det() of Mask R-CNN")
     };
-    // cnx_datasets::synth::coco draws six shape classes.
-    c.model.num_classes = 6;
-    let h = c.model.det.as_mut().unwrap();
-    h.fpn_channels = 64;
-    h.rpn_train_nms_pre = 500;
-    h.rpn_train_max_per_img = 200;
-    h.rpn_test_nms_pre = 300;
-    h.rpn_test_max_per_img = 100;
-    h.rcnn_train_num_rois = 128;
-    h.roi_fc_channels = 256;
-    h.mask_convs = 2;
-    h.test_max_per_img = 50;
+    demo_nano_detector(d);
     c.data = DataConfig {
         format: "coco".into(),
         root: PathBuf::from("work_dirs/demo_det/data"),
@@ -628,27 +611,64 @@ fn demo_det() -> Config {
     c
 }
 
+/// The demo's nano ConvNeXt (depths 1,1,2,1, dims 16..128) with a 64-channel FPN and small
+/// RPN / RoI budgets, six classes (cnx_datasets::synth::coco draws six shape classes).
+fn demo_nano_detector(d: &mut DetectorConfig) {
+    d.name = "demo_mask_rcnn_convnext_nano".into();
+    d.backbone.depths = vec![1, 1, 2, 1];
+    d.backbone.dims = vec![16, 32, 64, 128];
+    d.backbone.drop_path_rate = 0.0;
+    d.neck.out_channels = 64;
+    d.rpn.train_proposals.nms_pre = 500;
+    d.rpn.train_proposals.max_per_img = 200;
+    d.rpn.test_proposals.nms_pre = 300;
+    d.rpn.test_proposals.max_per_img = 100;
+    d.roi.num_classes = 6;
+    d.roi.sampler.num = 128;
+    d.roi.fc_dim = 256;
+    d.roi.mask_num_convs = 2;
+    d.roi.mask_conv_channels = 64;
+    d.roi.test.max_per_img = 50;
+}
+
+/// Demo Cascade Mask R-CNN: the demo detector's nano network with Cascade's three stages
+/// (4conv1fc box heads with SyncBN at 64 channels) on the same data and schedule.
+fn demo_cascade() -> Config {
+    let mut c = demo_det();
+    c.name = "demo_cascade_mask_rcnn_convnext_nano".into();
+    let mut k = CascadeConfig::cascade_mask_rcnn_convnext("tiny").expect("tiny");
+    demo_nano_detector(&mut k.base);
+    k.base.rpn.train_proposals.max_per_img = 200;
+    k.base.name = c.name.clone();
+    for s in k.stages.iter_mut() {
+        s.sampler.num = 128;
+    }
+    k.conv_channels = 64;
+    c.model = ModelConfig::CascadeMaskRcnn(k);
+    c
+}
+
 /// Demo segmentor: nano ConvNeXt + 64-channel UperNet on 128 px synthetic scenes.
 fn demo_seg() -> Config {
     let mut c = seg("tiny", 512, 1e-4, 0.0);
     c.name = "demo_upernet_convnext_nano".into();
-    c.model.backbone = BackboneConfig {
-        variant: "convnext_nano_demo".into(),
-        depths: vec![1, 1, 2, 1],
-        dims: vec![16, 32, 64, 128],
-        drop_path_rate: 0.0,
-        layer_scale_init: 1.0,
-        out_indices: vec![0, 1, 2, 3],
-        pretrained: String::new(),
+    let ModelConfig::Upernet(m) = &mut c.model else {
+        unreachable!("seg() is UperNet")
     };
+    m.name = c.name.clone();
+    m.backbone.depths = vec![1, 1, 2, 1];
+    m.backbone.dims = vec![16, 32, 64, 128];
+    m.backbone.drop_path_rate = 0.0;
     // cnx_datasets::synth::ade: sky, floor and six shapes (label 0 "other" is ignored).
-    c.model.num_classes = 8;
-    let h = c.model.seg.as_mut().unwrap();
-    h.channels = 64;
-    h.aux_channels = 32;
-    h.test_mode = "whole".into();
-    h.test_crop = 128;
-    h.test_stride = 96;
+    m.num_classes = 8;
+    m.decode_head.channels = 64;
+    if let Some(a) = m.auxiliary_head.as_mut() {
+        a.channels = 32;
+    }
+    m.test.mode = cnx_heads::segmentor::TestMode::Whole;
+    m.test.crop_size = [128, 128];
+    m.test.stride = [96, 96];
+    m.test.img_scale = [128, 128];
     c.data = DataConfig {
         format: "ade".into(),
         root: PathBuf::from("work_dirs/demo_seg/data"),
@@ -687,7 +707,7 @@ mod tests {
     #[test]
     fn names_match_their_config_and_recipe_table() {
         let ps = all();
-        assert_eq!(ps.len(), 29);
+        assert_eq!(ps.len(), 30);
         for p in &ps {
             assert_eq!(p.config().name, p.name);
         }
@@ -711,7 +731,7 @@ mod tests {
             let c = find(name).unwrap().config();
             assert_eq!(c.optimizer.lr, lr, "{name}");
             assert_eq!(c.optimizer.decay_rate, rate, "{name}");
-            assert_eq!(c.model.backbone.drop_path_rate, dp, "{name}");
+            assert_eq!(c.model.drop_path_rate(), dp, "{name}");
             assert_eq!(c.optimizer.weight_decay, 0.05);
             assert_eq!(c.data.batch_size, 16);
         }
@@ -794,11 +814,11 @@ mod tests {
         ];
         for (name, variant, lr, wd, dp) in table {
             let c = find(name).unwrap().config();
-            assert_eq!(c.model.backbone.variant, variant, "{name}");
+            assert_eq!(c.model.backbone_name(), Some(variant), "{name}");
             assert_eq!(c.optimizer.lr, lr, "{name}");
             assert_eq!(c.optimizer.weight_decay, wd, "{name}");
             assert_eq!(c.optimizer.decay_type, DecayType::None, "{name}");
-            assert_eq!(c.model.backbone.drop_path_rate, dp, "{name}");
+            assert_eq!(c.model.drop_path_rate(), dp, "{name}");
             for k in ["relative_position_bias_table", "absolute_pos_embed", "norm"] {
                 assert!(
                     c.optimizer.no_decay_keys.iter().any(|x| x == k),
@@ -808,13 +828,13 @@ mod tests {
         }
         let c = find("upernet_swin_large_640_160k_in22k").unwrap().config();
         assert_eq!(c.data.crop_size, [640, 640]);
-        assert_eq!(c.model.arch, Arch::Upernet);
+        assert_eq!(c.model.arch(), Arch::Upernet);
         assert_eq!(
             find("cascade_mask_rcnn_r50_3x")
                 .unwrap()
                 .config()
                 .model
-                .arch,
+                .arch(),
             Arch::CascadeMaskRcnn
         );
     }

@@ -3,7 +3,7 @@
 //! [`SegTask`] (UperNet on ADE-format data, evaluated with cnx-eval's mIoU). The engine's own
 //! compact model config is translated into the heads' `DetectorConfig` / `SegmentorConfig`.
 
-use super::config::{Arch, Config, Task};
+use super::config::{Config, ModelConfig, Task};
 use super::task::TrainTask;
 use anyhow::{anyhow, bail, Context, Result};
 use cnx_backbone::config::BackboneConfig;
@@ -11,111 +11,23 @@ use cnx_datasets::ade::{AdeDataset, AdeTestIter, AdeTrain, SegBatch, SegTrainPip
 use cnx_datasets::{
     CocoDataset, CocoTrain, DetBatch, Loader, LoaderConfig, TestIter, TestPipeline, TrainPipeline,
 };
-use cnx_heads::cascade::CascadeConfig;
-use cnx_heads::detector::BackboneCfg;
-use cnx_heads::segmentor::{BackboneSpec, SegmentorConfig, TestMode};
-use cnx_heads::{DetectorConfig, TwoStageDetector};
+use cnx_heads::segmentor::{SegmentorConfig, TestMode};
+use cnx_heads::TwoStageDetector;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{nn, Device, Kind, Tensor};
 
-/// `model.backbone.variant` when it names a comparison backbone (Swin, ResNet, ResNeXt: built by
-/// name, depths/dims unused); `None` for ConvNeXt (built from depths/dims).
-pub fn named_backbone(cfg: &Config) -> Result<Option<&str>> {
-    let v = cfg.model.backbone.variant.as_str();
-    if v.starts_with("convnext") {
-        return Ok(None);
-    }
-    if cnx_backbone::config::BACKBONES.contains(&v) {
-        return Ok(Some(v));
-    }
-    bail!(
-        "model.backbone.variant {v:?}: not a ConvNeXt (convnext_*) nor one of {}",
-        cnx_backbone::config::BACKBONES.join(", ")
-    )
-}
-
-/// The backbone an engine config builds (for checkpoint key mapping).
+/// The backbone a config builds (for checkpoint key mapping).
 pub fn backbone_config(cfg: &Config) -> Result<BackboneConfig> {
-    Ok(match cfg.model.arch {
-        Arch::Upernet => {
-            let s = segmentor_config(cfg)?;
-            match s.backbone.named()? {
-                Some(b) => b,
-                None => BackboneConfig::ConvNeXt(s.backbone.to_convnext()),
-            }
-        }
-        _ => detector_config(cfg)?.backbone.dense()?,
-    })
-}
-
-/// The heads crate's detector config for an engine config (Mask R-CNN; also the shared part of
-/// a Cascade config).
-pub fn detector_config(cfg: &Config) -> Result<DetectorConfig> {
-    let m = &cfg.model;
-    if m.arch == Arch::Upernet {
-        bail!("{} is a segmentation config", cfg.name);
-    }
-    let h = m.det.as_ref().ok_or_else(|| anyhow!("model.det missing"))?;
-    let mut d = DetectorConfig::mask_rcnn_convnext("tiny").map_err(|e| anyhow!("{e}"))?;
-    d.name = cfg.name.clone();
-    d.backbone.depths = m.backbone.depths.clone();
-    d.backbone.dims = m.backbone.dims.clone();
-    d.backbone.drop_path_rate = m.backbone.drop_path_rate;
-    d.backbone.layer_scale_init_value = m.backbone.layer_scale_init;
-    if let Some(n) = named_backbone(cfg)? {
-        d.backbone = BackboneCfg::named(n, m.backbone.drop_path_rate)?;
-    }
-    d.neck.out_channels = h.fpn_channels;
-    d.rpn.train_proposals.nms_pre = h.rpn_train_nms_pre;
-    d.rpn.train_proposals.max_per_img = h.rpn_train_max_per_img;
-    d.rpn.train_proposals.iou_threshold = h.rpn_nms_iou;
-    d.rpn.test_proposals.nms_pre = h.rpn_test_nms_pre;
-    d.rpn.test_proposals.max_per_img = h.rpn_test_max_per_img;
-    d.rpn.test_proposals.iou_threshold = h.rpn_nms_iou;
-    d.roi.num_classes = m.num_classes;
-    d.roi.fc_dim = h.roi_fc_channels;
-    d.roi.mask_num_convs = h.mask_convs as usize;
-    d.roi.mask_conv_channels = h.fpn_channels;
-    d.roi.sampler.num = h.rcnn_train_num_rois;
-    d.roi.sampler.pos_fraction = h.rcnn_pos_fraction;
-    d.roi.test.score_thr = h.test_score_thr;
-    d.roi.test.iou_threshold = h.test_nms_iou;
-    d.roi.test.max_per_img = h.test_max_per_img;
-    d.roi.test.mask_thr_binary = h.mask_thr;
-    Ok(d)
-}
-
-/// The heads crate's Cascade Mask R-CNN config: its three stages (IoU 0.5/0.6/0.7, GIoU) around
-/// the shared detector part above.
-pub fn cascade_config(cfg: &Config) -> Result<CascadeConfig> {
-    let base = detector_config(cfg)?;
-    let h = cfg
-        .model
-        .det
-        .as_ref()
-        .ok_or_else(|| anyhow!("model.det missing"))?;
-    let mut c = CascadeConfig::cascade_mask_rcnn_convnext("tiny").map_err(|e| anyhow!("{e}"))?;
-    // The Cascade base keeps its own RPN training rules (SmoothL1 beta 1/9, allowed_border 0).
-    let (rpn_beta, rpn_border) = (c.base.rpn.smooth_l1_beta, c.base.rpn.allowed_border);
-    c.base = base;
-    c.base.rpn.smooth_l1_beta = rpn_beta;
-    c.base.rpn.allowed_border = rpn_border;
-    for s in c.stages.iter_mut() {
-        s.sampler.num = h.rcnn_train_num_rois;
-        s.sampler.pos_fraction = h.rcnn_pos_fraction;
-    }
-    c.conv_channels = h.fpn_channels;
-    Ok(c)
+    cfg.model.backbone()
 }
 
 /// Check the model part of a config builds (before any data is read).
 pub fn check_model(cfg: &Config) -> Result<()> {
-    match cfg.model.arch {
-        Arch::MaskRcnn => drop(detector_config(cfg)?),
-        Arch::CascadeMaskRcnn => drop(cascade_config(cfg)?),
-        Arch::Upernet => drop(segmentor_config(cfg)?),
+    cfg.model.backbone()?;
+    if let ModelConfig::Upernet(s) = &cfg.model {
+        s.validate().map_err(|e| anyhow!("model: {e}"))?;
     }
     Ok(())
 }
@@ -125,9 +37,9 @@ pub fn check_model(cfg: &Config) -> Result<()> {
 /// dropped, no data is read.
 pub fn trainable_parameters(cfg: &Config) -> Result<Vec<(String, Vec<i64>)>> {
     let vs = nn::VarStore::new(Device::Cpu);
-    match cfg.model.arch {
-        Arch::Upernet => drop(
-            cnx_heads::segmentor::Segmentor::new_uninit(&vs.root(), &segmentor_config(cfg)?)
+    match &cfg.model {
+        ModelConfig::Upernet(s) => drop(
+            cnx_heads::segmentor::Segmentor::new_uninit(&vs.root(), s)
                 .map_err(|e| anyhow!("{e}"))?,
         ),
         _ => drop(build_detector(&vs.root(), cfg)?),
@@ -145,54 +57,19 @@ pub fn trainable_parameters(cfg: &Config) -> Result<Vec<(String, Vec<i64>)>> {
 /// The detector a config describes: Mask R-CNN or Cascade Mask R-CNN, one type with the RoI
 /// stage its architecture asks for.
 pub fn build_detector(root: &nn::Path, cfg: &Config) -> Result<TwoStageDetector> {
-    Ok(match cfg.model.arch {
-        Arch::CascadeMaskRcnn => TwoStageDetector::new(root, &cascade_config(cfg)?),
-        _ => TwoStageDetector::new(root, &detector_config(cfg)?),
+    Ok(match &cfg.model {
+        ModelConfig::MaskRcnn(d) => TwoStageDetector::new(root, d),
+        ModelConfig::CascadeMaskRcnn(c) => TwoStageDetector::new(root, c),
+        ModelConfig::Upernet(_) => bail!("{} is a segmentation config", cfg.name),
     })
 }
 
-/// The heads crate's segmentor config for an engine config.
-pub fn segmentor_config(cfg: &Config) -> Result<SegmentorConfig> {
-    let m = &cfg.model;
-    if m.arch != Arch::Upernet {
-        bail!("{} is not a UperNet config", cfg.name);
+/// The segmentor a config describes.
+pub fn segmentor_config(cfg: &Config) -> Result<&SegmentorConfig> {
+    match &cfg.model {
+        ModelConfig::Upernet(s) => Ok(s),
+        _ => bail!("{} is not a UperNet config", cfg.name),
     }
-    let h = m.seg.as_ref().ok_or_else(|| anyhow!("model.seg missing"))?;
-    let mut s = SegmentorConfig::upernet_convnext("tiny").map_err(|e| anyhow!("{e}"))?;
-    s.name = cfg.name.clone();
-    s.num_classes = m.num_classes;
-    s.backbone.depths = m.backbone.depths.clone();
-    s.backbone.dims = m.backbone.dims.clone();
-    s.backbone.drop_path_rate = m.backbone.drop_path_rate;
-    s.backbone.layer_scale_init_value = m.backbone.layer_scale_init;
-    s.backbone.out_indices = m.backbone.out_indices.iter().map(|&i| i as usize).collect();
-    if let Some(n) = named_backbone(cfg)? {
-        s.backbone = BackboneSpec::from_name(n, m.backbone.drop_path_rate)?;
-    }
-    s.decode_head.channels = h.channels;
-    s.decode_head.pool_scales = h.pool_scales.clone();
-    s.decode_head.dropout_ratio = h.dropout;
-    if let Some(a) = s.auxiliary_head.as_mut() {
-        a.channels = h.aux_channels;
-        a.loss_weight = h.aux_loss_weight;
-        a.dropout_ratio = h.dropout;
-    }
-    let [ch, cw] = cfg.data.crop_size;
-    s.crop_size = [ch as i64, cw as i64];
-    s.train_scale = [cfg.data.img_scale[0] as i64, cfg.data.img_scale[1] as i64];
-    s.test.mode = h
-        .test_mode
-        .parse()
-        .map_err(|e| anyhow!("model.seg.test_mode: {e:?}"))?;
-    s.test.crop_size = [h.test_crop, h.test_crop];
-    s.test.stride = [h.test_stride, h.test_stride];
-    s.test.img_scale = s.train_scale;
-    s.lr = cfg.optimizer.lr;
-    s.layer_decay_rate = cfg.optimizer.decay_rate;
-    s.weight_decay = cfg.optimizer.weight_decay;
-    s.warmup_iters = cfg.schedule.warmup_iters as i64;
-    s.max_iters = cfg.runtime.max_iters as i64;
-    Ok(s)
 }
 
 /// Check that the data the config names exists, before any work starts.
@@ -346,10 +223,10 @@ impl DetTask {
                 cnx_datasets::check::coco_image_paths(&val),
             ),
         ])?;
-        if train.num_classes() as i64 != cfg.model.num_classes {
+        if train.num_classes() as i64 != cfg.model.num_classes() {
             bail!(
                 "model.num_classes = {} but {} has {} categories",
-                cfg.model.num_classes,
+                cfg.model.num_classes(),
                 cfg.data.train_ann,
                 train.num_classes()
             );
@@ -617,9 +494,9 @@ impl SegTask {
         });
         let vs = nn::VarStore::new(device);
         let model =
-            cnx_heads::segmentor::Segmentor::new(&vs.root(), &sc).map_err(|e| anyhow!("{e}"))?;
+            cnx_heads::segmentor::Segmentor::new(&vs.root(), sc).map_err(|e| anyhow!("{e}"))?;
         let bs = cfg.data.batch_size;
-        let nc = cfg.model.num_classes as usize;
+        let nc = cfg.model.num_classes() as usize;
         // The dataset's class table; ADE20K's names for a 150-class model without one; names
         // the table lacks are `class_<i>`.
         let table: Vec<String> = if train.class_names.is_empty() && nc == 150 {
@@ -654,7 +531,7 @@ impl SegTask {
             val,
             test_scale: (long as usize, short as usize),
             test_mode: sc.test.mode,
-            num_classes: cfg.model.num_classes as usize,
+            num_classes: cfg.model.num_classes() as usize,
             val_max: cfg.data.val_max_images,
         })
     }
@@ -860,24 +737,33 @@ mod loss_term_tests {
     }
 
     #[test]
-    fn engine_configs_keep_each_architectures_rpn_loss_and_backbone() {
-        use crate::engine::presets::find;
-        let c =
-            cascade_config(&find("cascade_mask_rcnn_convnext_tiny_3x").unwrap().config()).unwrap();
+    fn preset_models_keep_each_architectures_rpn_loss_and_backbone() {
+        use crate::engine::presets::{find, model};
+        let ModelConfig::CascadeMaskRcnn(c) = model("cascade_mask_rcnn_convnext_tiny_3x").unwrap()
+        else {
+            panic!("a cascade preset")
+        };
         assert!((c.base.rpn.smooth_l1_beta - 1.0 / 9.0).abs() < 1e-12);
         assert_eq!(c.base.rpn.allowed_border, 0.0);
-        let m = detector_config(&find("mask_rcnn_convnext_tiny_3x").unwrap().config()).unwrap();
+        let ModelConfig::MaskRcnn(m) = model("mask_rcnn_convnext_tiny_3x").unwrap() else {
+            panic!("a Mask R-CNN preset")
+        };
         assert_eq!(m.rpn.smooth_l1_beta, 0.0);
         assert_eq!(m.rpn.allowed_border, -1.0);
-        let c = cascade_config(&find("cascade_mask_rcnn_r50_3x").unwrap().config()).unwrap();
+        let ModelConfig::CascadeMaskRcnn(c) = model("cascade_mask_rcnn_r50_3x").unwrap() else {
+            panic!("a cascade preset")
+        };
         assert_eq!(c.base.backbone.name.as_deref(), Some("resnet50"));
-        let s =
-            segmentor_config(&find("upernet_swin_base_640_160k_in22k").unwrap().config()).unwrap();
+        let cfg = find("upernet_swin_base_640_160k_in22k").unwrap().config();
+        let s = segmentor_config(&cfg).unwrap();
         assert_eq!(s.backbone.name.as_deref(), Some("swin_base"));
         assert_eq!(s.backbone.dims, [128, 256, 512, 1024]);
         let mut bad = find("mask_rcnn_swin_tiny_3x").unwrap().config();
-        bad.model.backbone.variant = "vgg16".into();
-        let e = detector_config(&bad).unwrap_err().to_string();
+        if let ModelConfig::MaskRcnn(d) = &mut bad.model {
+            d.backbone.name = Some("vgg16".into());
+        }
+        let e = check_model(&bad).unwrap_err().to_string();
         assert!(e.contains("vgg16"), "{e}");
+        assert!(bad.validate().is_err());
     }
 }

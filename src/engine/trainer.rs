@@ -280,8 +280,8 @@ pub fn train_replica(
             )),
         }
     }
-    if start == 0 && !cfg.model.backbone.pretrained.is_empty() {
-        let msg = task.load_pretrained(Path::new(&cfg.model.backbone.pretrained))?;
+    if start == 0 && !cfg.model.pretrained().is_empty() {
+        let msg = task.load_pretrained(Path::new(cfg.model.pretrained()))?;
         say(format!("pretrained backbone: {msg}"));
     }
     if let Some(d) = dp.as_deref() {
@@ -658,26 +658,24 @@ fn refuse_incompatible_resume(
     };
     let (a, b) = (&old.model, &cfg.model);
     let mut changed = Vec::new();
-    if a.arch != b.arch {
-        changed.push(format!("model.arch {:?} -> {:?}", a.arch, b.arch));
+    if a.arch() != b.arch() {
+        changed.push(format!("model.arch {:?} -> {:?}", a.arch(), b.arch()));
     }
-    if (&a.backbone.variant, &a.backbone.depths, &a.backbone.dims)
-        != (&b.backbone.variant, &b.backbone.depths, &b.backbone.dims)
-    {
-        changed.push(format!(
-            "backbone {} {:?}/{:?} -> {} {:?}/{:?}",
-            a.backbone.variant,
-            a.backbone.depths,
-            a.backbone.dims,
-            b.backbone.variant,
-            b.backbone.depths,
-            b.backbone.dims
-        ));
+    let describe = |m: &super::config::ModelConfig| {
+        let (depths, dims) = m.depths_dims();
+        format!(
+            "{} {depths:?}/{dims:?}",
+            m.backbone_name().unwrap_or("convnext")
+        )
+    };
+    if describe(a) != describe(b) {
+        changed.push(format!("backbone {} -> {}", describe(a), describe(b)));
     }
-    if a.num_classes != b.num_classes {
+    if a.num_classes() != b.num_classes() {
         changed.push(format!(
-            "model.num_classes {} -> {}",
-            a.num_classes, b.num_classes
+            "number of classes {} -> {}",
+            a.num_classes(),
+            b.num_classes()
         ));
     }
     // The global batch (images per step over all ranks): the lr and the data position are
