@@ -80,6 +80,13 @@ fn detector_inference_and_training_step() {
     );
     assert_eq!(j["input"], serde_json::json!([256, 256]));
     assert!(j["detections_per_image"].as_f64().is_some(), "{j}");
+    // The heads' host reads per iteration are counted (NMS, proposals, the extractor's plan:
+    // a few per image, far below one per detection) and reported.
+    let reads = j["host_reads_per_iter"]
+        .as_f64()
+        .expect("host_reads_per_iter");
+    assert!(reads > 0.0 && reads < 60.0, "{j}");
+    assert!(j["uploads_per_iter"].as_f64().is_some(), "{j}");
     // 250x250 is padded up to the size divisor 32, as the test pipeline pads.
     let j = bench(
         "demo_mask_rcnn_convnext_nano",
@@ -88,6 +95,10 @@ fn detector_inference_and_training_step() {
     );
     assert_eq!(j["input"], serde_json::json!([256, 256]));
     assert_eq!(j["img_shape"], serde_json::json!([250, 250]));
+    let reads = j["host_reads_per_iter"]
+        .as_f64()
+        .expect("host_reads_per_iter");
+    assert!(reads > 0.0 && reads < 60.0, "{j}");
 }
 
 #[test]

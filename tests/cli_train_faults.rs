@@ -105,6 +105,22 @@ fn unreadable_images_are_replaced_named_and_counted_or_stop_under_strict() {
             && skipped.iter().any(|s| s.ends_with(&name(5)))
     );
     let log = log_lines(&work);
+    // Every training line says where its time went: data wait, forward, backward, optimizer
+    // (seconds per iteration, together at most the iteration's wall time).
+    for v in log.iter().filter(|v| v["mode"] == "train") {
+        let t = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {v}"));
+        let phases = [
+            "data_time",
+            "forward_time",
+            "backward_time",
+            "optimizer_time",
+        ];
+        assert!(phases.iter().all(|k| t(k) >= 0.0), "{v}");
+        assert!(t("forward_time") > 0.0 && t("backward_time") > 0.0, "{v}");
+        let sum: f64 = phases.iter().map(|k| t(k)).sum();
+        assert!(sum <= t("time") * 1.05 + 0.01, "{sum} > {}: {v}", t("time"));
+        assert!(v.get("sync_time").is_none(), "single process: {v}");
+    }
     let mut logged: Vec<String> = log
         .iter()
         .filter(|v| v["mode"] == "data")

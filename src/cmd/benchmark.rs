@@ -388,12 +388,17 @@ pub fn run(args: Args) -> Result<()> {
         progress(i, &t);
     }
     let base_rss_mb = rss_mb("VmRSS:");
+    // Host reads and host-to-device copies inside the heads (each one stalls a GPU stream),
+    // per measured iteration (cnx_heads::sync_count).
+    let syncs0 = cnx_heads::sync_count::snapshot();
     let mut times = Vec::with_capacity(args.iters);
     for i in 0..args.iters {
         let t = step(true)?;
         progress(args.warmup + i, &t);
         times.push(t);
     }
+    let syncs = cnx_heads::sync_count::snapshot().since(&syncs0);
+    let per_iter = |v: u64| v as f64 / args.iters.max(1) as f64;
 
     let k = times.len() as f64;
     let mean = |f: fn(&Times) -> f64| times.iter().map(f).sum::<f64>() / k;
@@ -440,6 +445,8 @@ pub fn run(args: Args) -> Result<()> {
             "warmup": args.warmup,
             "input": [input_hw.0, input_hw.1],
             "threads": tch::get_num_threads(),
+            "host_reads_per_iter": per_iter(syncs.host_reads),
+            "uploads_per_iter": per_iter(syncs.uploads),
         });
         let o = out.as_object_mut().expect("object");
         if args.train {
@@ -486,6 +493,11 @@ pub fn run(args: Args) -> Result<()> {
         args.warmup
     );
     println!("  {ms_per_iter:.1} ms/iter (median {median_ms:.1}), {images_per_s:.2} images/s");
+    println!(
+        "  heads: {:.0} host reads, {:.0} host-to-device copies per iteration",
+        per_iter(syncs.host_reads),
+        per_iter(syncs.uploads)
+    );
     if args.train {
         println!(
             "  forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms{}",

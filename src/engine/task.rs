@@ -21,6 +21,11 @@ pub trait TrainTask {
     /// Take the next batch and run the model in training mode; returns the loss terms, already
     /// weighted, whose sum is minimised (names start with `loss`).
     fn forward_train(&mut self) -> Result<Vec<(String, Tensor)>>;
+    /// Seconds the last `forward_train` waited for its batch (the loader's queue), part of its
+    /// time: the training log's `data_time`.
+    fn data_wait(&self) -> f64 {
+        0.0
+    }
     /// Evaluate on the validation set; `out_dir` may receive drawings / result files.
     fn evaluate(&mut self, out_dir: &Path) -> Result<BTreeMap<String, f64>>;
     /// Class names in label order (what checkpoints record for `test` / `predict`).

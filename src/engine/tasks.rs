@@ -186,6 +186,8 @@ pub struct DetTask {
     loader_cfg: LoaderConfig,
     /// Data parallel: this rank's share of the validation images.
     eval_shard: Option<crate::evaluation::Shard>,
+    /// Seconds the last training batch was waited for.
+    data_wait: f64,
     source: Arc<CocoTrain>,
     loader: Option<Loader<CocoTrain>>,
     /// Position (epoch, batch) of the loader's next batch.
@@ -261,6 +263,7 @@ impl DetTask {
             batch_size: bs,
             loader_cfg,
             eval_shard: None,
+            data_wait: 0.0,
             source,
             loader: None,
             next_pos: (u64::MAX, 0),
@@ -285,6 +288,9 @@ impl DetTask {
 }
 
 impl TrainTask for DetTask {
+    fn data_wait(&self) -> f64 {
+        self.data_wait
+    }
     fn set_eval_shard(&mut self, shard: crate::evaluation::Shard) {
         self.eval_shard = Some(shard);
     }
@@ -335,10 +341,12 @@ impl TrainTask for DetTask {
             .loader
             .as_mut()
             .ok_or_else(|| anyhow!("seek before forward_train"))?;
+        let t = std::time::Instant::now();
         let batch = loader
             .next()
             .ok_or_else(|| anyhow!("training loader ended"))?
             .map_err(train_data_error)?;
+        self.data_wait = t.elapsed().as_secs_f64();
         self.next_pos = if batch.iter as u64 + 1 >= self.batches {
             (batch.epoch as u64 + 1, 0)
         } else {
@@ -445,6 +453,8 @@ pub struct SegTask {
     loader_cfg: LoaderConfig,
     /// Data parallel: this rank's share of the validation images.
     eval_shard: Option<crate::evaluation::Shard>,
+    /// Seconds the last training batch was waited for.
+    data_wait: f64,
     source: Arc<AdeTrain>,
     loader: Option<Loader<AdeTrain>>,
     next_pos: (u64, u64),
@@ -524,6 +534,7 @@ impl SegTask {
             batch_size: bs,
             loader_cfg: loader_config(cfg),
             eval_shard: None,
+            data_wait: 0.0,
             batches: epoch_batches(&*source, bs),
             source,
             loader: None,
@@ -548,6 +559,9 @@ impl SegTask {
 }
 
 impl TrainTask for SegTask {
+    fn data_wait(&self) -> f64 {
+        self.data_wait
+    }
     fn set_eval_shard(&mut self, shard: crate::evaluation::Shard) {
         self.eval_shard = Some(shard);
     }
@@ -595,10 +609,12 @@ impl TrainTask for SegTask {
             .loader
             .as_mut()
             .ok_or_else(|| anyhow!("seek before forward_train"))?;
+        let t = std::time::Instant::now();
         let batch: SegBatch = loader
             .next()
             .ok_or_else(|| anyhow!("training loader ended"))?
             .map_err(train_data_error)?;
+        self.data_wait = t.elapsed().as_secs_f64();
         self.next_pos = if batch.iter as u64 + 1 >= self.batches {
             (batch.epoch as u64 + 1, 0)
         } else {

@@ -324,6 +324,17 @@ pub fn train_replica(
     let tty = !pb.is_hidden();
 
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    // Seconds per phase over the log interval: waiting for data, forward (without the wait),
+    // backward, the gradient all-reduce (data parallel), the optimizer step. Host-side times:
+    // on CUDA, kernels still queued at a phase's end are counted by the phase that waits.
+    let mut phase = [0f64; 5];
+    const PHASES: [&str; 5] = [
+        "data_time",
+        "forward_time",
+        "backward_time",
+        "sync_time",
+        "optimizer_time",
+    ];
     // Iterations in the current log interval, and those of them whose loss terms count (a step
     // skipped for a non-finite loss has none).
     let mut n_sum = 0u64;
@@ -387,9 +398,13 @@ pub fn train_replica(
                 iteration: iter * accum + micro,
                 samples: sample_keys(task.images_per_batch(), dp.as_deref()),
             };
+            let t_fwd = Instant::now();
             let losses = cnx_backbone::replica::with_batch_keys(keys, || {
                 amp::autocast(device, amp_mode, || task.forward_train())
             })?;
+            let wait = task.data_wait();
+            phase[0] += wait;
+            phase[1] += (t_fwd.elapsed().as_secs_f64() - wait).max(0.0);
             if losses.is_empty() {
                 bail!("the model returned no loss terms");
             }
@@ -432,13 +447,18 @@ pub fn train_replica(
                 .map(|(_, t)| t.to_kind(Kind::Float))
                 .reduce(|a, b| a + b)
                 .unwrap();
+            let t_bwd = Instant::now();
             (total * (scaler.scale / accum as f64)).backward();
+            phase[2] += t_bwd.elapsed().as_secs_f64();
         }
         // Gradients averaged once per step (not on accumulation micro-batches), before
         // unscaling / clipping see them; a lost step still all-reduces so the ranks stay paired.
         if let Some(d) = dp.as_deref_mut() {
+            let t_sync = Instant::now();
             d.average_gradients(&dp_params)?;
+            phase[3] += t_sync.elapsed().as_secs_f64();
         }
+        let t_opt = Instant::now();
         let outcome = if let Some((name, v)) = &bad_loss {
             let streak = scaler.nonfinite_loss();
             nonfinite_in_interval += 1;
@@ -478,6 +498,7 @@ pub fn train_replica(
             scaler.finite_loss();
             amp::finish_step(&mut opt, &mut scaler, cfg.runtime.clip_grad_norm)
         };
+        phase[4] += t_opt.elapsed().as_secs_f64();
         if !outcome.stepped {
             skipped_in_interval += 1;
         }
@@ -542,6 +563,11 @@ pub fn train_replica(
             v.insert("lr".into(), lr_now);
             v.insert("epoch".into(), (iter - 1) as f64 / ipe as f64);
             v.insert("time".into(), dt / n_sum as f64);
+            for (name, secs) in PHASES.iter().zip(&phase) {
+                if *name != "sync_time" || dp.is_some() {
+                    v.insert((*name).into(), secs / n_sum as f64);
+                }
+            }
             v.insert(
                 "images_per_s".into(),
                 (n_sum * accum) as f64 * ipb as f64 / dt.max(1e-9),
@@ -573,6 +599,7 @@ pub fn train_replica(
                 );
             }
             sums.clear();
+            phase = [0.0; 5];
             n_sum = 0;
             n_loss = 0;
             skipped_in_interval = 0;
