@@ -134,7 +134,7 @@ seg_data() {
 DET_SETS=(--set data.root="$SYN_DET"
   --set data.train_ann=annotations/instances_train.json --set data.train_images=train
   --set data.val_ann=annotations/instances_val.json --set data.val_images=val
-  --set model.num_classes=6 --set data.batch_size=2 --set runtime.checkpoint_interval=0)
+  --set model.roi.num_classes=6 --set data.batch_size=2 --set runtime.checkpoint_interval=0)
 SEG_SETS=(--set data.root="$SYN_SEG" --set model.num_classes=8 --set data.batch_size=2
   --set runtime.checkpoint_interval=0)
 if [[ -n $DRY ]]; then
