@@ -227,7 +227,8 @@ impl DetTask {
         ])?;
         if train.num_classes() as i64 != cfg.model.num_classes() {
             bail!(
-                "model.num_classes = {} but {} has {} categories",
+                "the model has {} classes (model.roi.num_classes; Cascade: \
+                 model.base.roi.num_classes) but {} has {} categories",
                 cfg.model.num_classes(),
                 cfg.data.train_ann,
                 train.num_classes()
