@@ -37,36 +37,8 @@ const W: i64 = 128;
 const SEED: u64 = 1234;
 const ITER: u64 = 17;
 
-/// Each GT's mask: its box shrunk by a quarter on every side (so crops of it are neither all 0
-/// nor all 1 and the mask loss has a real target).
-#[derive(Debug)]
-struct ShrunkBoxMasks(Vec<[f32; 4]>);
-
-impl InstanceMasks for ShrunkBoxMasks {
-    fn crop_and_resize(&self, boxes: &[[f32; 4]], gt_inds: &[usize], out: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(boxes.len() * out * out);
-        for (b, &g) in boxes.iter().zip(gt_inds) {
-            let m = self.0[g];
-            let (mw, mh) = (m[2] - m[0], m[3] - m[1]);
-            let inner = [
-                m[0] + mw / 4.0,
-                m[1] + mh / 4.0,
-                m[2] - mw / 4.0,
-                m[3] - mh / 4.0,
-            ];
-            for y in 0..out {
-                for x in 0..out {
-                    let px = b[0] + (x as f32 + 0.5) / out as f32 * (b[2] - b[0]);
-                    let py = b[1] + (y as f32 + 0.5) / out as f32 * (b[3] - b[1]);
-                    let inside =
-                        px >= inner[0] && px <= inner[2] && py >= inner[1] && py <= inner[3];
-                    v.push(inside as u8);
-                }
-            }
-        }
-        v
-    }
-}
+mod common;
+use common::BoxMasks;
 
 /// 4 images of one size (so the batch padding is the same for 4 and 2 images) with 1-3 GT
 /// boxes each.
@@ -92,7 +64,12 @@ fn det_inputs() -> (Tensor, Vec<ImgMeta>, Vec<GtInstances>) {
             GtInstances {
                 boxes: Tensor::from_slice(&flat).view([b.len() as i64, 4]),
                 labels: Tensor::from_slice(&labels),
-                masks: Some(Arc::new(ShrunkBoxMasks(b.to_vec())) as Arc<dyn InstanceMasks>),
+                masks: Some(Arc::new(BoxMasks {
+                    // A quarter in from each side: crops are neither all 0 nor all 1, so the
+                    // mask loss has a real target.
+                    boxes: b.to_vec(),
+                    inset: 0.25,
+                }) as Arc<dyn InstanceMasks>),
             }
         })
         .collect();

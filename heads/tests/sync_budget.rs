@@ -17,26 +17,8 @@ use tch::{Device, Kind, Tensor};
 const H: i64 = 160;
 const W: i64 = 224;
 
-/// Each GT's mask: its box (a crop of it is 1 inside the GT box).
-#[derive(Debug)]
-struct BoxMasks(Vec<[f32; 4]>);
-
-impl InstanceMasks for BoxMasks {
-    fn crop_and_resize(&self, boxes: &[[f32; 4]], gt_inds: &[usize], out: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(boxes.len() * out * out);
-        for (b, &g) in boxes.iter().zip(gt_inds) {
-            let m = self.0[g];
-            for y in 0..out {
-                for x in 0..out {
-                    let px = b[0] + (x as f32 + 0.5) / out as f32 * (b[2] - b[0]);
-                    let py = b[1] + (y as f32 + 0.5) / out as f32 * (b[3] - b[1]);
-                    v.push((px >= m[0] && px <= m[2] && py >= m[1] && py <= m[3]) as u8);
-                }
-            }
-        }
-        v
-    }
-}
+mod common;
+use common::BoxMasks;
 
 fn inputs() -> (Tensor, Vec<ImgMeta>, Vec<GtInstances>) {
     tch::manual_seed(3);
@@ -57,7 +39,10 @@ fn inputs() -> (Tensor, Vec<ImgMeta>, Vec<GtInstances>) {
             GtInstances {
                 boxes: Tensor::from_slice(&flat).view([b.len() as i64, 4]),
                 labels: Tensor::from_slice(&labels),
-                masks: Some(Arc::new(BoxMasks(b.to_vec())) as Arc<dyn InstanceMasks>),
+                masks: Some(Arc::new(BoxMasks {
+                    boxes: b.to_vec(),
+                    inset: 0.0,
+                }) as Arc<dyn InstanceMasks>),
             }
         })
         .collect();

@@ -89,14 +89,12 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     // `--nproc-per-node N` launches N ranks of this command; under torchrun / SLURM / that
     // launcher each rank runs its share of the images and rank 0 reports.
-    if args.nproc_per_node > 1 && std::env::var_os("CNX_LAUNCHED").is_none() {
-        return crate::engine::distributed::spawn_local(args.nproc_per_node, args.master_port, 0);
+    if let Some(done) =
+        crate::engine::distributed::launch_local(args.nproc_per_node, args.master_port, 0)
+    {
+        return done;
     }
-    let env = cnx_dist::DistEnv::from_env()?;
-    let device = match &env {
-        Some(e) => crate::engine::distributed::rank_device(&args.device, e)?,
-        None => crate::device::resolve(&args.device)?,
-    };
+    let device = crate::engine::distributed::resolve_device(&args.device)?;
     let dp =
         crate::engine::distributed::DataParallel::from_env(args.dist_backend.as_deref(), device)?;
     let shard = dp.as_ref().map(|d| d.eval_shard());

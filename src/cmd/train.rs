@@ -95,11 +95,7 @@ pub fn train_config_on(
     backend: Option<&str>,
 ) -> Result<(Summary, Box<dyn tasks::DemoTask>)> {
     cfg.validate()?;
-    let env = cnx_dist::DistEnv::from_env()?;
-    let device = match &env {
-        Some(e) => crate::engine::distributed::rank_device(&cfg.runtime.device, e)?,
-        None => crate::device::resolve(&cfg.runtime.device)?,
-    };
+    let device = crate::engine::distributed::resolve_device(&cfg.runtime.device)?;
     if cfg.runtime.threads > 0 {
         tch::set_num_threads(cfg.runtime.threads);
     }
@@ -157,17 +153,12 @@ pub fn train_config_on(
 pub fn run(args: Args) -> Result<()> {
     // `--nproc-per-node N` launches the ranks (each sees RANK etc. and trains); a rank started
     // by torchrun / SLURM / this launcher trains directly.
-    if args.nproc_per_node > 1 && std::env::var_os("CNX_LAUNCHED").is_none() {
-        if cnx_dist::DistEnv::from_env()?.is_some() {
-            bail!(
-                "--nproc-per-node inside a torchrun / SLURM job: let the launcher start the ranks"
-            );
-        }
-        return crate::engine::distributed::spawn_local(
-            args.nproc_per_node,
-            args.master_port,
-            args.max_restarts,
-        );
+    if let Some(done) = crate::engine::distributed::launch_local(
+        args.nproc_per_node,
+        args.master_port,
+        args.max_restarts,
+    ) {
+        return done;
     }
     let mut sets = vec![];
     if let Some(p) = &args.pretrained {

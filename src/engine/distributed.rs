@@ -154,6 +154,31 @@ impl DataParallel {
     }
 }
 
+/// The device of this process: [`rank_device`] when the environment describes a data-parallel
+/// rank, else the one `--device` rule.
+pub fn resolve_device(spec: &str) -> Result<Device> {
+    match DistEnv::from_env()? {
+        Some(e) => rank_device(spec, &e),
+        None => crate::device::resolve(spec),
+    }
+}
+
+/// `--nproc-per-node N` of `train` and `test`: `None` when this process is a rank (or N is 1)
+/// and should run the command itself; otherwise it is the launcher, which runs the ranks
+/// ([`spawn_local`]) and returns how they ended.
+pub fn launch_local(n: usize, port: Option<u16>, max_restarts: u32) -> Option<Result<()>> {
+    if n <= 1 || std::env::var_os("CNX_LAUNCHED").is_some() {
+        return None;
+    }
+    Some(match DistEnv::from_env() {
+        Err(e) => Err(e.into()),
+        Ok(Some(_)) => Err(anyhow!(
+            "--nproc-per-node inside a torchrun / SLURM job: let the launcher start the ranks"
+        )),
+        Ok(None) => spawn_local(n, port, max_restarts),
+    })
+}
+
 /// `cnx train --nproc-per-node N [--max-restarts R]`: run this same command line as N local
 /// ranks (torchrun's variables, master 127.0.0.1:`port`, a fresh free port per attempt unless
 /// given), wait, and stop them all as soon as one fails, naming the rank and its exit status.

@@ -173,6 +173,88 @@ fn train_data_error(e: cnx_datasets::DatasetError) -> anyhow::Error {
     }
 }
 
+/// A task's training data, one implementation for the detection and segmentation tasks: the
+/// loader over its source at `batch_size` images per rank, where it stands (a `seek` to the
+/// current position keeps the loader and its prefetched batches), and how long the last batch
+/// was waited for.
+struct TrainData<S: cnx_datasets::Source> {
+    source: Arc<S>,
+    cfg: LoaderConfig,
+    batch_size: usize,
+    /// Global batches per epoch.
+    batches: u64,
+    loader: Option<Loader<S>>,
+    /// Position (epoch, batch) of the loader's next batch.
+    next_pos: (u64, u64),
+    /// Seconds the last batch was waited for.
+    wait: f64,
+    /// The (epoch, batch index) a batch records.
+    position: fn(&S::Batch) -> (usize, usize),
+}
+
+impl<S: cnx_datasets::Source> TrainData<S> {
+    fn new(
+        source: Arc<S>,
+        cfg: LoaderConfig,
+        batch_size: usize,
+        position: fn(&S::Batch) -> (usize, usize),
+    ) -> Self {
+        Self {
+            batches: epoch_batches(&*source, batch_size),
+            source,
+            cfg,
+            batch_size,
+            loader: None,
+            next_pos: (u64::MAX, 0),
+            wait: 0.0,
+            position,
+        }
+    }
+
+    fn set_replica(&mut self, rank: usize, world: usize) {
+        self.cfg.replicas = world;
+        self.cfg.rank = rank;
+        self.batches = epoch_batches(&*self.source, self.batch_size * world);
+        self.loader = None;
+    }
+
+    fn seek(&mut self, epoch: u64, batch: u64) -> Result<()> {
+        if self.loader.is_some() && self.next_pos == (epoch, batch) {
+            return Ok(());
+        }
+        self.loader = None;
+        self.loader = Some(Loader::new(
+            self.source.clone(),
+            self.cfg.clone(),
+            epoch as usize,
+            batch as usize,
+        )?);
+        self.next_pos = (epoch, batch);
+        Ok(())
+    }
+
+    /// The next training batch (timed: [`TrainTask::data_wait`]).
+    fn next(&mut self) -> Result<S::Batch> {
+        let loader = self
+            .loader
+            .as_mut()
+            .ok_or_else(|| anyhow!("seek before forward_train"))?;
+        let t = std::time::Instant::now();
+        let batch = loader
+            .next()
+            .ok_or_else(|| anyhow!("training loader ended"))?
+            .map_err(train_data_error)?;
+        self.wait = t.elapsed().as_secs_f64();
+        let (epoch, iter) = (self.position)(&batch);
+        self.next_pos = if iter as u64 + 1 >= self.batches {
+            (epoch as u64 + 1, 0)
+        } else {
+            (epoch as u64, iter as u64 + 1)
+        };
+        Ok(batch)
+    }
+}
+
 /// Mask R-CNN on a COCO-format dataset.
 pub struct DetTask {
     /// Class names and category ids of the training set (label order), for checkpoints.
@@ -182,17 +264,9 @@ pub struct DetTask {
     backbone: BackboneConfig,
     model: TwoStageDetector,
     device: Device,
-    batch_size: usize,
-    loader_cfg: LoaderConfig,
+    train: TrainData<CocoTrain>,
     /// Data parallel: this rank's share of the validation images.
     eval_shard: Option<crate::evaluation::Shard>,
-    /// Seconds the last training batch was waited for.
-    data_wait: f64,
-    source: Arc<CocoTrain>,
-    loader: Option<Loader<CocoTrain>>,
-    /// Position (epoch, batch) of the loader's next batch.
-    next_pos: (u64, u64),
-    batches: u64,
     val: Arc<CocoDataset>,
     val_ann: PathBuf,
     test_scale: (usize, usize),
@@ -251,9 +325,6 @@ impl DetTask {
         let source = Arc::new(CocoTrain::new(train, pipeline));
         let vs = nn::VarStore::new(device);
         let model = build_detector(&vs.root(), cfg)?;
-        let loader_cfg = loader_config(cfg);
-        let bs = cfg.data.batch_size;
-        let batches = epoch_batches(&*source, bs);
         Ok(Self {
             classes,
             category_ids,
@@ -261,14 +332,10 @@ impl DetTask {
             backbone: backbone_config(cfg)?,
             model,
             device,
-            batch_size: bs,
-            loader_cfg,
+            train: TrainData::new(source, loader_config(cfg), cfg.data.batch_size, |b| {
+                (b.epoch, b.iter)
+            }),
             eval_shard: None,
-            data_wait: 0.0,
-            source,
-            loader: None,
-            next_pos: (u64::MAX, 0),
-            batches,
             val,
             val_ann,
             test_scale: (short, long),
@@ -290,16 +357,13 @@ impl DetTask {
 
 impl TrainTask for DetTask {
     fn data_wait(&self) -> f64 {
-        self.data_wait
+        self.train.wait
     }
     fn set_eval_shard(&mut self, shard: crate::evaluation::Shard) {
         self.eval_shard = Some(shard);
     }
     fn set_replica(&mut self, rank: usize, world: usize) -> Result<()> {
-        self.loader_cfg.replicas = world;
-        self.loader_cfg.rank = rank;
-        self.batches = epoch_batches(&*self.source, self.batch_size * world);
-        self.loader = None;
+        self.train.set_replica(rank, world);
         Ok(())
     }
     fn class_names(&self) -> Vec<String> {
@@ -312,47 +376,22 @@ impl TrainTask for DetTask {
         &self.vs
     }
     fn batches_per_epoch(&self) -> u64 {
-        self.batches
+        self.train.batches
     }
     fn images_per_batch(&self) -> usize {
-        self.batch_size
+        self.train.batch_size
     }
     fn take_broken(&mut self) -> Vec<cnx_datasets::loader::BrokenSample> {
-        self.loader_cfg.broken.take_new()
+        self.train.cfg.broken.take_new()
     }
     fn num_train_images(&self) -> Option<usize> {
-        Some(cnx_datasets::Source::len(&*self.source))
+        Some(cnx_datasets::Source::len(&*self.train.source))
     }
     fn seek(&mut self, epoch: u64, batch: u64) -> Result<()> {
-        if self.loader.is_some() && self.next_pos == (epoch, batch) {
-            return Ok(());
-        }
-        self.loader = None;
-        self.loader = Some(Loader::new(
-            self.source.clone(),
-            self.loader_cfg.clone(),
-            epoch as usize,
-            batch as usize,
-        )?);
-        self.next_pos = (epoch, batch);
-        Ok(())
+        self.train.seek(epoch, batch)
     }
     fn forward_train(&mut self) -> Result<Vec<(String, Tensor)>> {
-        let loader = self
-            .loader
-            .as_mut()
-            .ok_or_else(|| anyhow!("seek before forward_train"))?;
-        let t = std::time::Instant::now();
-        let batch = loader
-            .next()
-            .ok_or_else(|| anyhow!("training loader ended"))?
-            .map_err(train_data_error)?;
-        self.data_wait = t.elapsed().as_secs_f64();
-        self.next_pos = if batch.iter as u64 + 1 >= self.batches {
-            (batch.epoch as u64 + 1, 0)
-        } else {
-            (batch.epoch as u64, batch.iter as u64 + 1)
-        };
+        let batch = self.train.next()?;
         let losses = crate::adapters::forward_train_batch(&self.model, &batch, self.device);
         Ok(losses.0.into_iter().filter_map(loss_term).collect())
     }
@@ -450,16 +489,9 @@ pub struct SegTask {
     backbone: BackboneConfig,
     model: cnx_heads::segmentor::Segmentor,
     device: Device,
-    batch_size: usize,
-    loader_cfg: LoaderConfig,
+    train: TrainData<AdeTrain>,
     /// Data parallel: this rank's share of the validation images.
     eval_shard: Option<crate::evaluation::Shard>,
-    /// Seconds the last training batch was waited for.
-    data_wait: f64,
-    source: Arc<AdeTrain>,
-    loader: Option<Loader<AdeTrain>>,
-    next_pos: (u64, u64),
-    batches: u64,
     val: Arc<AdeDataset>,
     test_scale: (usize, usize),
     test_mode: TestMode,
@@ -506,7 +538,6 @@ impl SegTask {
         let vs = nn::VarStore::new(device);
         let model =
             cnx_heads::segmentor::Segmentor::new(&vs.root(), sc).map_err(|e| anyhow!("{e}"))?;
-        let bs = cfg.data.batch_size;
         let nc = cfg.model.num_classes() as usize;
         // The dataset's class table; ADE20K's names for a 150-class model without one; names
         // the table lacks are `class_<i>`.
@@ -532,14 +563,10 @@ impl SegTask {
             backbone: backbone_config(cfg)?,
             model,
             device,
-            batch_size: bs,
-            loader_cfg: loader_config(cfg),
+            train: TrainData::new(source, loader_config(cfg), cfg.data.batch_size, |b| {
+                (b.epoch, b.iter)
+            }),
             eval_shard: None,
-            data_wait: 0.0,
-            batches: epoch_batches(&*source, bs),
-            source,
-            loader: None,
-            next_pos: (u64::MAX, 0),
             val,
             test_scale: (long as usize, short as usize),
             test_mode: sc.test.mode,
@@ -561,16 +588,13 @@ impl SegTask {
 
 impl TrainTask for SegTask {
     fn data_wait(&self) -> f64 {
-        self.data_wait
+        self.train.wait
     }
     fn set_eval_shard(&mut self, shard: crate::evaluation::Shard) {
         self.eval_shard = Some(shard);
     }
     fn set_replica(&mut self, rank: usize, world: usize) -> Result<()> {
-        self.loader_cfg.replicas = world;
-        self.loader_cfg.rank = rank;
-        self.batches = epoch_batches(&*self.source, self.batch_size * world);
-        self.loader = None;
+        self.train.set_replica(rank, world);
         Ok(())
     }
     fn class_names(&self) -> Vec<String> {
@@ -580,47 +604,22 @@ impl TrainTask for SegTask {
         &self.vs
     }
     fn batches_per_epoch(&self) -> u64 {
-        self.batches
+        self.train.batches
     }
     fn images_per_batch(&self) -> usize {
-        self.batch_size
+        self.train.batch_size
     }
     fn take_broken(&mut self) -> Vec<cnx_datasets::loader::BrokenSample> {
-        self.loader_cfg.broken.take_new()
+        self.train.cfg.broken.take_new()
     }
     fn num_train_images(&self) -> Option<usize> {
-        Some(cnx_datasets::Source::len(&*self.source))
+        Some(cnx_datasets::Source::len(&*self.train.source))
     }
     fn seek(&mut self, epoch: u64, batch: u64) -> Result<()> {
-        if self.loader.is_some() && self.next_pos == (epoch, batch) {
-            return Ok(());
-        }
-        self.loader = None;
-        self.loader = Some(Loader::new(
-            self.source.clone(),
-            self.loader_cfg.clone(),
-            epoch as usize,
-            batch as usize,
-        )?);
-        self.next_pos = (epoch, batch);
-        Ok(())
+        self.train.seek(epoch, batch)
     }
     fn forward_train(&mut self) -> Result<Vec<(String, Tensor)>> {
-        let loader = self
-            .loader
-            .as_mut()
-            .ok_or_else(|| anyhow!("seek before forward_train"))?;
-        let t = std::time::Instant::now();
-        let batch: SegBatch = loader
-            .next()
-            .ok_or_else(|| anyhow!("training loader ended"))?
-            .map_err(train_data_error)?;
-        self.data_wait = t.elapsed().as_secs_f64();
-        self.next_pos = if batch.iter as u64 + 1 >= self.batches {
-            (batch.epoch as u64 + 1, 0)
-        } else {
-            (batch.epoch as u64, batch.iter as u64 + 1)
-        };
+        let batch: SegBatch = self.train.next()?;
         let s = batch.shape.map(|v| v as i64);
         let x = Tensor::from_slice(&batch.images)
             .view(s)
