@@ -113,284 +113,404 @@ pub fn train_replica(
     opts: &RunOptions,
     mut dp: Option<&mut DataParallel>,
 ) -> Result<Summary> {
-    let t0 = Instant::now();
-    let work_dir = cfg.work_dir();
-    let is_main = dp.as_ref().is_none_or(|d| d.is_main());
-    let world = dp.as_ref().map_or(1, |d| d.world());
-    let quiet = opts.quiet || !is_main;
-    if opts.resume.is_none() && is_main {
-        checkpoint::refuse_existing_run(&work_dir)?;
-    }
-    // The checkpoint to resume from, checked against the config its run was written with
-    // before this run's config.toml replaces it.
-    let resumed = match &opts.resume {
-        Some(r) => checkpoint::resolve(r, &work_dir)?,
-        None => None,
-    };
-    if let Some((st, dir)) = &resumed {
-        refuse_incompatible_resume(cfg, st, dir, world as u64)?;
-    }
-    if is_main {
-        std::fs::create_dir_all(&work_dir)
-            .with_context(|| format!("creating work dir {}", work_dir.display()))?;
-        std::fs::write(work_dir.join("config.toml"), cfg.to_toml()?)?;
-    }
-    install_ctrlc();
-    INTERRUPTED.store(false, Ordering::SeqCst);
-    PRESSES.store(0, Ordering::SeqCst);
-
-    let accum = cfg.runtime.grad_accum.max(1);
-    let batches = task.batches_per_epoch();
-    // Iterations per epoch of the data as it is now (the data position: epoch = iteration /
-    // data_ipe), and of the schedule (lr steps, the length of an epoch-counted run, the log's
-    // epoch). They differ only when resuming a run whose dataset has changed since: the schedule
-    // then keeps counting in the checkpoint's epochs, so the lr goes on as before and the run
-    // ends at the same iteration, while the data position is recomputed over the new data (the
-    // interrupted epoch continues at the same iteration of the new data's order, every later
-    // epoch is a full pass over the new data). Both depend on the iteration alone, so a later
-    // resume of the changed run stays exact; the checkpoint keeps the schedule's count.
-    let data_ipe = (batches / accum).max(1);
-    let ipe = match &resumed {
-        Some((st, _)) => st.iters_per_epoch.max(1),
-        None => data_ipe,
-    };
-    let max_iters = if cfg.runtime.max_iters > 0 {
-        cfg.runtime.max_iters
-    } else {
-        cfg.runtime.max_epochs * ipe
-    };
-    let stop_at = opts.stop_at.unwrap_or(max_iters).min(max_iters);
-    let schedule = Schedule::new(cfg.schedule.clone(), ipe, max_iters);
-    // Images per batch over all ranks (the global batch; each rank runs `batch / world`).
-    let ipb = task.images_per_batch() * world;
-    let base_lr = scaled_lr(cfg, ipb);
-    let say = |s: String| {
-        if !quiet {
-            eprintln!("{s}");
-        }
-    };
-    say(format!(
-        "{}: {} iterations ({} per epoch), batch {}{} x accum {} = {} images/step; lr {:.3e} = {:.3e} x {}/{} (linear scaling)",
-        cfg.name,
-        max_iters,
-        ipe,
-        ipb,
-        if world > 1 {
-            format!(" ({world} ranks x {})", ipb / world)
-        } else {
-            String::new()
-        },
-        accum,
-        ipb as u64 * accum,
-        base_lr,
-        cfg.optimizer.lr,
-        ipb as u64 * accum,
-        cfg.optimizer.base_batch_size
-    ));
-
-    // Trainable parameters (frozen ones are excluded from the optimizer) in name order.
-    let vars = task.var_store().variables();
-    let mut params: BTreeMap<String, Tensor> = BTreeMap::new();
-    for (n, t) in &vars {
-        if t.requires_grad() {
-            params.insert(n.clone(), t.shallow_clone());
-        }
-    }
-    let shapes: Vec<(String, Vec<i64>)> =
-        params.iter().map(|(n, t)| (n.clone(), t.size())).collect();
-    let groups = build_groups(&shapes, &cfg.optimizer, base_lr);
-    let numel = |n: &str| params.get(n).map(|t| t.numel() as i64).unwrap_or(0);
-    say(format!(
-        "parameter groups ({:?}, decay rate {}):\n{}",
-        cfg.optimizer.decay_type,
-        cfg.optimizer.decay_rate,
-        group_table(&groups, &numel)
-    ));
-    // The gradients the ranks average, in one fixed order (name order, as the optimizer's).
-    let dp_params: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
-    let mut opt = AdamW::new(groups, params, &cfg.optimizer)?;
-
-    // Autocast is CUDA-only here (CPU autocast trains slower than fp32 on most CPUs).
-    let amp_mode = if device.is_cuda() {
-        cfg.runtime.amp
-    } else {
-        Amp::None
-    };
-    let mut scaler = LossScaler::new(
-        amp_mode == Amp::Fp16 || (opts.force_loss_scaler && cfg.runtime.amp == Amp::Fp16),
-    );
-    let device_label = crate::device::label(device);
-    say(format!(
-        "device {}; precision {}",
-        crate::device::describe(device),
-        match (cfg.runtime.amp, amp_mode) {
-            (Amp::None, _) => "fp32".to_string(),
-            (a, Amp::None) => format!("fp32 (runtime.amp = {a:?} applies on CUDA only)"),
-            (Amp::Fp16, _) => "fp16 autocast, dynamic loss scaling".to_string(),
-            (Amp::Bf16, _) => "bf16 autocast".to_string(),
-        }
-    ));
-
-    // Resume or initialise.
-    let mut start = 0u64;
-    // The checkpoint resumed from, when it lives in this work dir: a run that stops before its
-    // first iteration (e.g. `--resume auto --stop-at N` to evaluate at N) does not rewrite it.
-    let mut resumed_here: Option<PathBuf> = None;
-    if opts.resume.is_some() {
-        match resumed {
-            Some((st, dir)) => {
-                if st.iters_per_epoch != data_ipe {
-                    say(format!(
-                        "warning: the training data changed since the checkpoint: {} iterations per epoch then, {data_ipe} now{} (batch {} x accum {accum}); \
-                         the schedule keeps the checkpoint's {} iterations per epoch ({max_iters} iterations in all, lr unchanged), \
-                         and the data continues at iteration {} of the new data's order (epoch {}, batch {})",
-                        st.iters_per_epoch,
-                        task
-                            .num_train_images()
-                            .map(|n| format!(" ({n} training images)"))
-                            .unwrap_or_default(),
-                        ipb,
-                        st.iters_per_epoch,
-                        st.iter,
-                        st.iter / data_ipe,
-                        st.iter % data_ipe
-                    ));
-                }
-                load_weights(task, &dir.join(&st.weights))?;
-                opt.load_state_tensors(
-                    &checkpoint::load_tensors(&dir.join(&st.optimizer))?,
-                    st.optimizer_step,
-                )?;
-                scaler.scale = st.loss_scale;
-                scaler.growth_tracker = st.scale_growth_tracker;
-                start = st.iter;
-                if dir.canonicalize().ok() == work_dir.canonicalize().ok() {
-                    resumed_here = Some(dir.join(&st.weights));
-                }
-                say(format!(
-                    "resumed from {} at iteration {start} (epoch {}, batch {})",
-                    dir.join(&st.weights).display(),
-                    st.epoch,
-                    st.iter_in_epoch
-                ));
-            }
-            None => say(format!(
-                "--resume auto: no checkpoint in {}, starting fresh",
-                work_dir.display()
-            )),
-        }
-    }
-    if start == 0 && !cfg.model.pretrained().is_empty() {
-        let msg = task.load_pretrained(Path::new(cfg.model.pretrained()))?;
-        say(format!("pretrained backbone: {msg}"));
-    }
-    if let Some(d) = dp.as_deref() {
-        // Every rank loaded the same files; the broadcast also makes random initialisation equal.
-        d.broadcast_state(task.var_store())?;
-        say(format!(
-            "data parallel: {} ranks ({}), rank 0 writes {}",
-            world,
-            d.pg.backend(),
-            work_dir.display()
-        ));
-    }
-    // What every weights file says about its model: the config and the classes.
-    let card = checkpoint::ModelCard {
-        config: Some(cfg.to_toml()?),
-        classes: task.class_names(),
-        category_ids: task.category_ids(),
-    };
-    let mut log = if is_main {
-        RunLog::open(&work_dir, Some(start))?
-    } else {
-        RunLog::in_memory()
-    };
-    let curves = work_dir.join("curves.png");
-
-    let mut epoch = start / data_ipe;
-    task.seek(epoch, (start % data_ipe) * accum)?;
-    let pb = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(stop_at)
-    };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb.set_position(start);
-    let tty = !pb.is_hidden();
-
-    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-    // Seconds per phase over the log interval: waiting for data, forward (without the wait),
-    // backward, the gradient all-reduce (data parallel), the optimizer step. Host-side times:
-    // on CUDA, kernels still queued at a phase's end are counted by the phase that waits.
-    let mut phase = [0f64; 5];
-    const PHASES: [&str; 5] = [
-        "data_time",
-        "forward_time",
-        "backward_time",
-        "sync_time",
-        "optimizer_time",
-    ];
-    // Iterations in the current log interval, and those of them whose loss terms count (a step
-    // skipped for a non-finite loss has none).
-    let mut n_sum = 0u64;
-    let mut n_loss = 0u64;
-    let mut skipped_in_interval = 0u64;
-    let mut nonfinite_in_interval = 0u64;
-    let mut t_log = Instant::now();
-    let mut last_weights: Option<PathBuf> = resumed_here;
-    let mut metrics = BTreeMap::new();
-    let mut iter = start;
-    let mut interrupted = false;
-    let mut skipped_images: Vec<String> = Vec::new();
-    let save =
-        |task: &dyn TrainTask, opt: &AdamW, scaler: &LossScaler, iter: u64| -> Result<PathBuf> {
-            let st = ResumeState {
-                iter,
-                // The data position; `iters_per_epoch` is the schedule's (see `data_ipe`).
-                epoch: iter / data_ipe,
-                iter_in_epoch: iter % data_ipe,
-                iters_per_epoch: ipe,
-                seed: cfg.runtime.seed,
-                optimizer_step: opt.step,
-                loss_scale: scaler.scale,
-                scale_growth_tracker: scaler.growth_tracker,
-                config_name: cfg.name.clone(),
-                weights: checkpoint::weights_file_name(iter),
-                optimizer: checkpoint::optimizer_file_name(iter),
-                world_size: world as u64,
-            };
-            let weights = named_weights(task);
-            let p = checkpoint::save(&work_dir, &weights, &card, &opt.state_tensors(), &st)?;
-            checkpoint::prune(&work_dir, cfg.runtime.keep_checkpoints, iter)?;
-            Ok(p)
-        };
-
-    while iter < stop_at {
-        let stop = INTERRUPTED.load(Ordering::SeqCst);
-        let stop = match dp.as_deref() {
-            Some(d) => d.any(stop)?,
-            None => stop,
-        };
-        if stop {
-            interrupted = true;
+    let mut run = Run::set_up(cfg, task, device, opts, dp.as_deref())?;
+    while run.iter < run.stop_at {
+        if run.stop_requested(dp.as_deref())? {
+            run.interrupted = true;
             break;
         }
-        if iter / data_ipe != epoch {
-            epoch = iter / data_ipe;
-            task.seek(epoch, 0)?;
+        let step = run.step(task, dp.as_deref_mut())?;
+        run.record(task, &step, dp.is_some())?;
+        run.checkpoint_and_evaluate(task)?;
+    }
+    run.finish(task)
+}
+
+/// One training run between set-up and finish: what set-up fixed (schedule, batch, precision,
+/// the model card), the optimizer and loss scaler, the log and progress bar, and the position.
+struct Run<'a> {
+    cfg: &'a Config,
+    opts: &'a RunOptions,
+    device: Device,
+    t0: Instant,
+    work_dir: PathBuf,
+    is_main: bool,
+    world: usize,
+    quiet: bool,
+    accum: u64,
+    /// Iterations per epoch of the data as it is now (the data position: epoch = iteration /
+    /// data_ipe).
+    data_ipe: u64,
+    /// Iterations per epoch of the schedule (lr steps, the length of an epoch-counted run, the
+    /// log's epoch). It differs from `data_ipe` only when resuming a run whose dataset has
+    /// changed since: the schedule keeps counting in the checkpoint's epochs, so the lr goes on
+    /// as before and the run ends at the same iteration, while the data position is recomputed
+    /// over the new data (the interrupted epoch continues at the same iteration of the new
+    /// data's order, every later epoch is a full pass over the new data). Both depend on the
+    /// iteration alone, so a later resume of the changed run stays exact; the checkpoint keeps
+    /// the schedule's count.
+    ipe: u64,
+    stop_at: u64,
+    schedule: Schedule,
+    /// Images per batch over all ranks (the global batch; each rank runs `ipb / world`).
+    ipb: usize,
+    amp_mode: Amp,
+    device_label: String,
+    /// What every weights file says about its model: the config and the classes.
+    card: checkpoint::ModelCard,
+    curves: PathBuf,
+    opt: AdamW,
+    scaler: LossScaler,
+    /// The gradients the ranks average, in one fixed order (name order, as the optimizer's).
+    dp_params: Vec<Tensor>,
+    log: RunLog,
+    pb: ProgressBar,
+    tty: bool,
+    interval: Interval,
+    iter: u64,
+    epoch: u64,
+    start: u64,
+    last_weights: Option<PathBuf>,
+    metrics: BTreeMap<String, f64>,
+    interrupted: bool,
+    skipped_images: Vec<String>,
+}
+
+/// What one iteration produced.
+struct Step {
+    /// Loss terms, mean over ranks and micro-batches (empty terms when the step was lost).
+    terms: BTreeMap<String, f64>,
+    /// First non-finite loss term (fp16 loss scaling only: otherwise the run stops).
+    bad_loss: Option<(String, f64)>,
+    outcome: StepOutcome,
+}
+
+/// Seconds per phase over the log interval: waiting for data, forward (without the wait),
+/// backward, the gradient all-reduce (data parallel), the optimizer step. Host-side times: on
+/// CUDA, kernels still queued at a phase's end are counted by the phase that waits.
+const PHASES: [&str; 5] = [
+    "data_time",
+    "forward_time",
+    "backward_time",
+    "sync_time",
+    "optimizer_time",
+];
+
+/// Sums over the current log interval.
+struct Interval {
+    sums: BTreeMap<String, f64>,
+    phase: [f64; 5],
+    /// Iterations in the interval, and those of them whose loss terms count (a step skipped
+    /// for a non-finite loss has none).
+    n_sum: u64,
+    n_loss: u64,
+    skipped: u64,
+    nonfinite: u64,
+    since: Instant,
+}
+
+impl Interval {
+    fn new() -> Self {
+        Self {
+            sums: BTreeMap::new(),
+            phase: [0.0; 5],
+            n_sum: 0,
+            n_loss: 0,
+            skipped: 0,
+            nonfinite: 0,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl<'a> Run<'a> {
+    /// Check the work dir and the checkpoint to resume, write config.toml, build the optimizer
+    /// groups and loss scaler, restore or initialise the weights (pretrained backbone, the
+    /// broadcast of rank 0's), open the log and position the data.
+    fn set_up(
+        cfg: &'a Config,
+        task: &mut dyn TrainTask,
+        device: Device,
+        opts: &'a RunOptions,
+        dp: Option<&DataParallel>,
+    ) -> Result<Self> {
+        let t0 = Instant::now();
+        let work_dir = cfg.work_dir();
+        let is_main = dp.is_none_or(|d| d.is_main());
+        let world = dp.map_or(1, |d| d.world());
+        let quiet = opts.quiet || !is_main;
+        if opts.resume.is_none() && is_main {
+            checkpoint::refuse_existing_run(&work_dir)?;
+        }
+        // The checkpoint to resume from, checked against the config its run was written with
+        // before this run's config.toml replaces it.
+        let resumed = match &opts.resume {
+            Some(r) => checkpoint::resolve(r, &work_dir)?,
+            None => None,
+        };
+        if let Some((st, dir)) = &resumed {
+            refuse_incompatible_resume(cfg, st, dir, world as u64)?;
+        }
+        if is_main {
+            std::fs::create_dir_all(&work_dir)
+                .with_context(|| format!("creating work dir {}", work_dir.display()))?;
+            std::fs::write(work_dir.join("config.toml"), cfg.to_toml()?)?;
+        }
+        install_ctrlc();
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        PRESSES.store(0, Ordering::SeqCst);
+
+        let accum = cfg.runtime.grad_accum.max(1);
+        let data_ipe = (task.batches_per_epoch() / accum).max(1);
+        let ipe = match &resumed {
+            Some((st, _)) => st.iters_per_epoch.max(1),
+            None => data_ipe,
+        };
+        let max_iters = if cfg.runtime.max_iters > 0 {
+            cfg.runtime.max_iters
+        } else {
+            cfg.runtime.max_epochs * ipe
+        };
+        let stop_at = opts.stop_at.unwrap_or(max_iters).min(max_iters);
+        let schedule = Schedule::new(cfg.schedule.clone(), ipe, max_iters);
+        let ipb = task.images_per_batch() * world;
+        let base_lr = scaled_lr(cfg, ipb);
+        let say = |s: String| {
+            if !quiet {
+                eprintln!("{s}");
+            }
+        };
+        say(format!(
+            "{}: {} iterations ({} per epoch), batch {}{} x accum {} = {} images/step; lr {:.3e} = {:.3e} x {}/{} (linear scaling)",
+            cfg.name,
+            max_iters,
+            ipe,
+            ipb,
+            if world > 1 {
+                format!(" ({world} ranks x {})", ipb / world)
+            } else {
+                String::new()
+            },
+            accum,
+            ipb as u64 * accum,
+            base_lr,
+            cfg.optimizer.lr,
+            ipb as u64 * accum,
+            cfg.optimizer.base_batch_size
+        ));
+
+        // Trainable parameters (frozen ones are excluded from the optimizer) in name order.
+        let params: BTreeMap<String, Tensor> = task
+            .var_store()
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        let shapes: Vec<(String, Vec<i64>)> =
+            params.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+        let groups = build_groups(&shapes, &cfg.optimizer, base_lr);
+        let numel = |n: &str| params.get(n).map(|t| t.numel() as i64).unwrap_or(0);
+        say(format!(
+            "parameter groups ({:?}, decay rate {}):\n{}",
+            cfg.optimizer.decay_type,
+            cfg.optimizer.decay_rate,
+            group_table(&groups, &numel)
+        ));
+        let dp_params: Vec<Tensor> = params.values().map(|t| t.shallow_clone()).collect();
+        let mut opt = AdamW::new(groups, params, &cfg.optimizer)?;
+
+        // Autocast is CUDA-only here (CPU autocast trains slower than fp32 on most CPUs).
+        let amp_mode = if device.is_cuda() {
+            cfg.runtime.amp
+        } else {
+            Amp::None
+        };
+        let mut scaler = LossScaler::new(
+            amp_mode == Amp::Fp16 || (opts.force_loss_scaler && cfg.runtime.amp == Amp::Fp16),
+        );
+        say(format!(
+            "device {}; precision {}",
+            crate::device::describe(device),
+            match (cfg.runtime.amp, amp_mode) {
+                (Amp::None, _) => "fp32".to_string(),
+                (a, Amp::None) => format!("fp32 (runtime.amp = {a:?} applies on CUDA only)"),
+                (Amp::Fp16, _) => "fp16 autocast, dynamic loss scaling".to_string(),
+                (Amp::Bf16, _) => "bf16 autocast".to_string(),
+            }
+        ));
+
+        // Resume or initialise.
+        let mut start = 0u64;
+        // The checkpoint resumed from, when it lives in this work dir: a run that stops before
+        // its first iteration (e.g. `--resume auto --stop-at N` to evaluate at N) does not
+        // rewrite it.
+        let mut resumed_here: Option<PathBuf> = None;
+        if opts.resume.is_some() {
+            match resumed {
+                Some((st, dir)) => {
+                    if st.iters_per_epoch != data_ipe {
+                        say(format!(
+                            "warning: the training data changed since the checkpoint: {} iterations per epoch then, {data_ipe} now{} (batch {} x accum {accum}); \
+                             the schedule keeps the checkpoint's {} iterations per epoch ({max_iters} iterations in all, lr unchanged), \
+                             and the data continues at iteration {} of the new data's order (epoch {}, batch {})",
+                            st.iters_per_epoch,
+                            task
+                                .num_train_images()
+                                .map(|n| format!(" ({n} training images)"))
+                                .unwrap_or_default(),
+                            ipb,
+                            st.iters_per_epoch,
+                            st.iter,
+                            st.iter / data_ipe,
+                            st.iter % data_ipe
+                        ));
+                    }
+                    load_weights(task, &dir.join(&st.weights))?;
+                    opt.load_state_tensors(
+                        &checkpoint::load_tensors(&dir.join(&st.optimizer))?,
+                        st.optimizer_step,
+                    )?;
+                    scaler.scale = st.loss_scale;
+                    scaler.growth_tracker = st.scale_growth_tracker;
+                    start = st.iter;
+                    if dir.canonicalize().ok() == work_dir.canonicalize().ok() {
+                        resumed_here = Some(dir.join(&st.weights));
+                    }
+                    say(format!(
+                        "resumed from {} at iteration {start} (epoch {}, batch {})",
+                        dir.join(&st.weights).display(),
+                        st.epoch,
+                        st.iter_in_epoch
+                    ));
+                }
+                None => say(format!(
+                    "--resume auto: no checkpoint in {}, starting fresh",
+                    work_dir.display()
+                )),
+            }
+        }
+        if start == 0 && !cfg.model.pretrained().is_empty() {
+            let msg = task.load_pretrained(Path::new(cfg.model.pretrained()))?;
+            say(format!("pretrained backbone: {msg}"));
+        }
+        if let Some(d) = dp {
+            // Every rank loaded the same files; the broadcast also makes random initialisation
+            // equal.
+            d.broadcast_state(task.var_store())?;
+            say(format!(
+                "data parallel: {} ranks ({}), rank 0 writes {}",
+                world,
+                d.pg.backend(),
+                work_dir.display()
+            ));
+        }
+        let card = checkpoint::ModelCard {
+            config: Some(cfg.to_toml()?),
+            classes: task.class_names(),
+            category_ids: task.category_ids(),
+        };
+        let log = if is_main {
+            RunLog::open(&work_dir, Some(start))?
+        } else {
+            RunLog::in_memory()
+        };
+
+        let epoch = start / data_ipe;
+        task.seek(epoch, (start % data_ipe) * accum)?;
+        let pb = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(stop_at)
+        };
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb.set_position(start);
+        let tty = !pb.is_hidden();
+        Ok(Self {
+            cfg,
+            opts,
+            device,
+            t0,
+            curves: work_dir.join("curves.png"),
+            work_dir,
+            is_main,
+            world,
+            quiet,
+            accum,
+            data_ipe,
+            ipe,
+            stop_at,
+            schedule,
+            ipb,
+            amp_mode,
+            device_label: crate::device::label(device),
+            card,
+            opt,
+            scaler,
+            dp_params,
+            log,
+            pb,
+            tty,
+            interval: Interval::new(),
+            iter: start,
+            epoch,
+            start,
+            last_weights: resumed_here,
+            metrics: BTreeMap::new(),
+            interrupted: false,
+            skipped_images: Vec::new(),
+        })
+    }
+
+    /// Ctrl-C was pressed (on any rank: all ranks agree, so they stop at the same iteration).
+    fn stop_requested(&self, dp: Option<&DataParallel>) -> Result<bool> {
+        let stop = INTERRUPTED.load(Ordering::SeqCst);
+        match dp {
+            Some(d) => d.any(stop),
+            None => Ok(stop),
+        }
+    }
+
+    /// Print a line above the progress bar (or plainly when there is none).
+    fn println(&self, line: String) {
+        if self.quiet {
+            return;
+        }
+        if self.pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.pb.println(line);
+        }
+    }
+
+    fn last_good(&self) -> String {
+        self.last_weights
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none (no checkpoint written yet)".into())
+    }
+
+    /// One optimizer step: reseed, set the lr, forward + backward each micro-batch, average the
+    /// gradients over ranks, then unscale / clip / step (or skip a step lost to a non-finite
+    /// fp16 loss). A non-finite loss without loss scaling stops the run before the bad step
+    /// reaches the weights.
+    fn step(&mut self, task: &mut dyn TrainTask, dp: Option<&mut DataParallel>) -> Result<Step> {
+        let (cfg, iter, accum) = (self.cfg, self.iter, self.accum);
+        if iter / self.data_ipe != self.epoch {
+            self.epoch = iter / self.data_ipe;
+            task.seek(self.epoch, 0)?;
         }
         tch::manual_seed(iteration_seed(cfg.runtime.seed, iter));
-        for g in opt.groups.iter_mut() {
-            g.lr = schedule.lr(g.initial_lr, iter);
+        for g in self.opt.groups.iter_mut() {
+            g.lr = self.schedule.lr(g.initial_lr, iter);
         }
-        opt.zero_grad();
+        self.opt.zero_grad();
+        let phase = &mut self.interval.phase;
         let mut terms: BTreeMap<String, f64> = BTreeMap::new();
-        // First non-finite loss term of this iteration (fp16 scaler only; otherwise it stops).
         let mut bad_loss: Option<(String, f64)> = None;
         for micro in 0..accum {
             let keys = cnx_backbone::replica::BatchKeys {
@@ -399,6 +519,7 @@ pub fn train_replica(
                 samples: sample_keys(task.images_per_batch(), dp.as_deref()),
             };
             let t_fwd = Instant::now();
+            let (device, amp_mode) = (self.device, self.amp_mode);
             let losses = cnx_backbone::replica::with_batch_keys(keys, || {
                 amp::autocast(device, amp_mode, || task.forward_train())
             })?;
@@ -423,13 +544,13 @@ pub fn train_replica(
                 None => vals,
             };
             if let Some(((name, _), v)) = losses.iter().zip(&vals).find(|(_, v)| !v.is_finite()) {
-                if !scaler.enabled {
-                    pb.abandon();
+                if !self.scaler.enabled {
+                    self.pb.abandon();
                     bail!(
                         "loss term {name} is {v} at iteration {} (epoch {}): training stopped; the last good checkpoint is {}",
                         iter + 1,
-                        epoch,
-                        last_weights.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no checkpoint written yet)".into())
+                        self.epoch,
+                        self.last_good()
                     );
                 }
                 bad_loss.get_or_insert((name.clone(), *v));
@@ -448,77 +569,72 @@ pub fn train_replica(
                 .reduce(|a, b| a + b)
                 .unwrap();
             let t_bwd = Instant::now();
-            (total * (scaler.scale / accum as f64)).backward();
+            (total * (self.scaler.scale / accum as f64)).backward();
             phase[2] += t_bwd.elapsed().as_secs_f64();
         }
         // Gradients averaged once per step (not on accumulation micro-batches), before
         // unscaling / clipping see them; a lost step still all-reduces so the ranks stay paired.
-        if let Some(d) = dp.as_deref_mut() {
+        if let Some(d) = dp {
             let t_sync = Instant::now();
-            d.average_gradients(&dp_params)?;
+            d.average_gradients(&self.dp_params)?;
             phase[3] += t_sync.elapsed().as_secs_f64();
         }
         let t_opt = Instant::now();
-        let outcome = if let Some((name, v)) = &bad_loss {
-            let streak = scaler.nonfinite_loss();
-            nonfinite_in_interval += 1;
-            let last_good = || {
-                last_weights
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "none (no checkpoint written yet)".into())
-            };
-            if streak >= MAX_NONFINITE_LOSS_STREAK {
-                pb.abandon();
-                bail!(
-                    "loss non-finite for {streak} consecutive iterations under fp16 loss scaling (last: {name} = {v} at iteration {}, epoch {}; loss scale now {:e}): training stopped; the last good checkpoint is {}",
-                    iter + 1,
-                    epoch,
-                    scaler.scale,
-                    last_good()
-                );
+        let outcome = match &bad_loss {
+            Some((name, v)) => self.skip_step(name, *v)?,
+            None => {
+                self.scaler.finite_loss();
+                amp::finish_step(&mut self.opt, &mut self.scaler, cfg.runtime.clip_grad_norm)
             }
-            if !quiet {
-                let line = format!(
-                    "iteration {}: loss term {name} is {v}: step skipped, loss scale backed off to {:e} ({streak} in a row; training stops at {MAX_NONFINITE_LOSS_STREAK})",
-                    iter + 1,
-                    scaler.scale
-                );
-                if pb.is_hidden() {
-                    eprintln!("{line}");
-                } else {
-                    pb.println(line);
-                }
-            }
-            StepOutcome {
-                stepped: false,
-                grad_norm: f64::NAN,
-            }
-        } else {
-            scaler.finite_loss();
-            amp::finish_step(&mut opt, &mut scaler, cfg.runtime.clip_grad_norm)
         };
-        phase[4] += t_opt.elapsed().as_secs_f64();
-        if !outcome.stepped {
-            skipped_in_interval += 1;
+        self.interval.phase[4] += t_opt.elapsed().as_secs_f64();
+        self.iter += 1;
+        self.pb.set_position(self.iter);
+        Ok(Step {
+            terms,
+            bad_loss,
+            outcome,
+        })
+    }
+
+    /// A step lost to a non-finite loss under fp16 loss scaling: back the scale off as
+    /// GradScaler does, and stop after too many in a row.
+    fn skip_step(&mut self, name: &str, v: f64) -> Result<StepOutcome> {
+        let streak = self.scaler.nonfinite_loss();
+        self.interval.nonfinite += 1;
+        if streak >= MAX_NONFINITE_LOSS_STREAK {
+            self.pb.abandon();
+            bail!(
+                "loss non-finite for {streak} consecutive iterations under fp16 loss scaling (last: {name} = {v} at iteration {}, epoch {}; loss scale now {:e}): training stopped; the last good checkpoint is {}",
+                self.iter + 1,
+                self.epoch,
+                self.scaler.scale,
+                self.last_good()
+            );
         }
-        let grad_norm = outcome.grad_norm;
-        iter += 1;
-        pb.set_position(iter);
+        self.println(format!(
+            "iteration {}: loss term {name} is {v}: step skipped, loss scale backed off to {:e} ({streak} in a row; training stops at {MAX_NONFINITE_LOSS_STREAK})",
+            self.iter + 1,
+            self.scaler.scale
+        ));
+        Ok(StepOutcome {
+            stepped: false,
+            grad_norm: f64::NAN,
+        })
+    }
+
+    /// After a step: name the unreadable images the loader replaced, add the step to the
+    /// interval, update the progress bar, and at the end of a log interval write the log line
+    /// and the curves.
+    fn record(&mut self, task: &mut dyn TrainTask, step: &Step, data_parallel: bool) -> Result<()> {
+        let iter = self.iter;
         // Unreadable images the loader replaced: each named once, here and in log.jsonl.
         for b in task.take_broken() {
-            if !quiet {
-                let line = format!(
-                    "warning: unreadable training image {}: {}; replaced by another image of its aspect group (data.strict = true stops instead)",
-                    b.file, b.error
-                );
-                if pb.is_hidden() {
-                    eprintln!("{line}");
-                } else {
-                    pb.println(line);
-                }
-            }
-            log.event(
+            self.println(format!(
+                "warning: unreadable training image {}: {}; replaced by another image of its aspect group (data.strict = true stops instead)",
+                b.file, b.error
+            ));
+            self.log.event(
                 "data",
                 iter,
                 &[
@@ -526,131 +642,200 @@ pub fn train_replica(
                     ("error", b.error.into()),
                 ],
             )?;
-            skipped_images.push(b.file);
+            self.skipped_images.push(b.file);
         }
-        let skipped_note = if skipped_images.is_empty() {
+        let skipped_note = if self.skipped_images.is_empty() {
             String::new()
         } else {
-            format!(" | {} unreadable images replaced", skipped_images.len())
+            format!(" | {} unreadable images replaced", self.skipped_images.len())
         };
-
-        let total_loss: f64 = terms.values().sum();
-        if bad_loss.is_none() {
-            for (k, v) in &terms {
-                *sums.entry(k.clone()).or_insert(0.0) += v;
-            }
-            *sums.entry("loss".into()).or_insert(0.0) += total_loss;
-            n_loss += 1;
+        let iv = &mut self.interval;
+        if !step.outcome.stepped {
+            iv.skipped += 1;
         }
-        n_sum += 1;
-        let lr_now = opt.groups.iter().map(|g| g.lr).fold(0.0, f64::max);
-        if tty {
-            let short: Vec<String> = terms
+        let total_loss: f64 = step.terms.values().sum();
+        if step.bad_loss.is_none() {
+            for (k, v) in &step.terms {
+                *iv.sums.entry(k.clone()).or_insert(0.0) += v;
+            }
+            *iv.sums.entry("loss".into()).or_insert(0.0) += total_loss;
+            iv.n_loss += 1;
+        }
+        iv.n_sum += 1;
+        let lr_now = self.opt.groups.iter().map(|g| g.lr).fold(0.0, f64::max);
+        if self.tty {
+            let short: Vec<String> = step
+                .terms
                 .iter()
                 .map(|(k, v)| format!("{} {:.3}", k.trim_start_matches("loss_"), v))
                 .collect();
-            pb.set_message(format!(
+            self.pb.set_message(format!(
                 "loss {total_loss:.3} [{}] lr {lr_now:.2e}{skipped_note}",
                 short.join(" ")
             ));
         }
-        if iter.is_multiple_of(cfg.runtime.log_interval.max(1)) || iter == stop_at {
-            let dt = t_log.elapsed().as_secs_f64();
-            let mut v: BTreeMap<String, f64> = sums
+        if !(iter.is_multiple_of(self.cfg.runtime.log_interval.max(1)) || iter == self.stop_at) {
+            return Ok(());
+        }
+        let dt = iv.since.elapsed().as_secs_f64();
+        let n = iv.n_sum as f64;
+        let mut v: BTreeMap<String, f64> = iv
+            .sums
+            .iter()
+            .map(|(k, s)| (k.clone(), s / iv.n_loss.max(1) as f64))
+            .collect();
+        v.insert("lr".into(), lr_now);
+        v.insert("epoch".into(), (iter - 1) as f64 / self.ipe as f64);
+        v.insert("time".into(), dt / n);
+        for (name, secs) in PHASES.iter().zip(&iv.phase) {
+            if *name != "sync_time" || data_parallel {
+                v.insert((*name).into(), secs / n);
+            }
+        }
+        v.insert(
+            "images_per_s".into(),
+            n * self.accum as f64 * self.ipb as f64 / dt.max(1e-9),
+        );
+        if self.scaler.enabled {
+            v.insert("loss_scale".into(), self.scaler.scale);
+            v.insert("skipped_steps".into(), iv.skipped as f64);
+            v.insert("nonfinite_loss".into(), iv.nonfinite as f64);
+        }
+        if step.outcome.grad_norm.is_finite() {
+            v.insert("grad_norm".into(), step.outcome.grad_norm);
+        }
+        self.log.log(
+            "train",
+            iter,
+            &v,
+            &[("device", self.device_label.clone().into())],
+        )?;
+        if !self.tty && !self.quiet {
+            let short: Vec<String> = v
                 .iter()
-                .map(|(k, s)| (k.clone(), s / n_loss.max(1) as f64))
+                .filter(|(k, _)| k.starts_with("loss"))
+                .map(|(k, x)| format!("{k} {x:.4}"))
                 .collect();
-            v.insert("lr".into(), lr_now);
-            v.insert("epoch".into(), (iter - 1) as f64 / ipe as f64);
-            v.insert("time".into(), dt / n_sum as f64);
-            for (name, secs) in PHASES.iter().zip(&phase) {
-                if *name != "sync_time" || dp.is_some() {
-                    v.insert((*name).into(), secs / n_sum as f64);
-                }
-            }
-            v.insert(
-                "images_per_s".into(),
-                (n_sum * accum) as f64 * ipb as f64 / dt.max(1e-9),
+            eprintln!(
+                "iter {iter}/{} lr {lr_now:.3e} {} ({:.2} s/it){skipped_note}",
+                self.stop_at,
+                short.join(" "),
+                dt / n
             );
-            if scaler.enabled {
-                v.insert("loss_scale".into(), scaler.scale);
-                v.insert("skipped_steps".into(), skipped_in_interval as f64);
-                v.insert("nonfinite_loss".into(), nonfinite_in_interval as f64);
-            }
-            if grad_norm.is_finite() {
-                v.insert("grad_norm".into(), grad_norm);
-            }
-            log.log(
-                "train",
-                iter,
-                &v,
-                &[("device", device_label.clone().into())],
+        }
+        self.interval = Interval::new();
+        if self.is_main {
+            plot_curves(&self.curves, &self.cfg.name, &self.log.train, &self.log.val).ok();
+        }
+        Ok(())
+    }
+
+    /// Save a checkpoint and evaluate when their intervals say so (not at the last iteration:
+    /// [`Run::finish`] does both there).
+    fn checkpoint_and_evaluate(&mut self, task: &mut dyn TrainTask) -> Result<()> {
+        let (iter, rt) = (self.iter, &self.cfg.runtime);
+        let ck = rt.checkpoint_interval;
+        if self.is_main && ck > 0 && iter.is_multiple_of(ck) && iter < self.stop_at {
+            self.last_weights = Some(self.save(task)?);
+        }
+        let ev = rt.eval_interval;
+        if !self.opts.no_eval && ev > 0 && iter.is_multiple_of(ev) && iter < self.stop_at {
+            self.evaluate(task)?;
+            // Evaluation time is not training time.
+            self.interval.since = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Evaluate (under data parallel every rank its share; rank 0 gets the metrics), keep the
+    /// best checkpoint and redraw the curves.
+    fn evaluate(&mut self, task: &mut dyn TrainTask) -> Result<()> {
+        self.metrics = run_eval(
+            task,
+            &self.work_dir,
+            self.iter,
+            &mut self.log,
+            &self.pb,
+            self.quiet,
+            self.is_main,
+        )?;
+        if self.is_main {
+            keep_best(
+                self.cfg,
+                task,
+                &self.card,
+                &self.work_dir,
+                &self.metrics,
+                self.iter,
+                &self.pb,
+                self.quiet,
             )?;
-            if !tty && !quiet {
-                let short: Vec<String> = v
-                    .iter()
-                    .filter(|(k, _)| k.starts_with("loss"))
-                    .map(|(k, x)| format!("{k} {x:.4}"))
-                    .collect();
+            plot_curves(&self.curves, &self.cfg.name, &self.log.train, &self.log.val).ok();
+        }
+        Ok(())
+    }
+
+    /// Write the weights, the optimizer state and latest.json at the current iteration, and
+    /// prune old checkpoints.
+    fn save(&self, task: &dyn TrainTask) -> Result<PathBuf> {
+        let iter = self.iter;
+        let st = ResumeState {
+            iter,
+            // The data position; `iters_per_epoch` is the schedule's (see `data_ipe`).
+            epoch: iter / self.data_ipe,
+            iter_in_epoch: iter % self.data_ipe,
+            iters_per_epoch: self.ipe,
+            seed: self.cfg.runtime.seed,
+            optimizer_step: self.opt.step,
+            loss_scale: self.scaler.scale,
+            scale_growth_tracker: self.scaler.growth_tracker,
+            config_name: self.cfg.name.clone(),
+            weights: checkpoint::weights_file_name(iter),
+            optimizer: checkpoint::optimizer_file_name(iter),
+            world_size: self.world as u64,
+        };
+        let weights = named_weights(task);
+        let p = checkpoint::save(
+            &self.work_dir,
+            &weights,
+            &self.card,
+            &self.opt.state_tensors(),
+            &st,
+        )?;
+        checkpoint::prune(&self.work_dir, self.cfg.runtime.keep_checkpoints, iter)?;
+        Ok(p)
+    }
+
+    /// The final checkpoint (or the one Ctrl-C asked for) and the final evaluation.
+    fn finish(mut self, task: &mut dyn TrainTask) -> Result<Summary> {
+        self.pb.finish_and_clear();
+        if self.is_main && (self.iter > self.start || self.last_weights.is_none()) {
+            self.last_weights = Some(self.save(task)?);
+        }
+        if self.interrupted {
+            if !self.quiet {
                 eprintln!(
-                    "iter {iter}/{stop_at} lr {lr_now:.3e} {} ({:.2} s/it){skipped_note}",
-                    short.join(" "),
-                    dt / n_sum as f64
+                    "interrupted at iteration {}: checkpoint {} saved; continue with --resume auto",
+                    self.iter,
+                    self.last_good()
                 );
             }
-            sums.clear();
-            phase = [0.0; 5];
-            n_sum = 0;
-            n_loss = 0;
-            skipped_in_interval = 0;
-            nonfinite_in_interval = 0;
-            t_log = Instant::now();
-            if is_main {
-                plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
-            }
+        } else if !self.opts.no_eval {
+            self.evaluate(task)?;
         }
-        let ck = cfg.runtime.checkpoint_interval;
-        if is_main && ck > 0 && iter.is_multiple_of(ck) && iter < stop_at {
-            last_weights = Some(save(task, &opt, &scaler, iter)?);
+        if self.is_main {
+            plot_curves(&self.curves, &self.cfg.name, &self.log.train, &self.log.val).ok();
         }
-        let ev = cfg.runtime.eval_interval;
-        // Under data parallel every rank evaluates its share; rank 0 gets the metrics.
-        if !opts.no_eval && ev > 0 && iter.is_multiple_of(ev) && iter < stop_at {
-            metrics = run_eval(task, &work_dir, iter, &mut log, &pb, quiet, is_main)?;
-            if is_main {
-                keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, quiet)?;
-                plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
-            }
-            t_log = Instant::now();
-        }
+        Ok(Summary {
+            iter: self.iter,
+            work_dir: self.work_dir,
+            weights: self.last_weights,
+            metrics: self.metrics,
+            seconds: self.t0.elapsed().as_secs_f64(),
+            interrupted: self.interrupted,
+            skipped_images: self.skipped_images,
+        })
     }
-    pb.finish_and_clear();
-    if is_main && (iter > start || last_weights.is_none()) {
-        last_weights = Some(save(task, &opt, &scaler, iter)?);
-    }
-    if interrupted {
-        say(format!(
-            "interrupted at iteration {iter}: checkpoint {} saved; continue with --resume auto",
-            last_weights.as_ref().unwrap().display()
-        ));
-    } else if !opts.no_eval {
-        metrics = run_eval(task, &work_dir, iter, &mut log, &pb, quiet, is_main)?;
-        if is_main {
-            keep_best(cfg, task, &card, &work_dir, &metrics, iter, &pb, quiet)?;
-        }
-    }
-    if is_main {
-        plot_curves(&curves, &cfg.name, &log.train, &log.val).ok();
-    }
-    Ok(Summary {
-        iter,
-        work_dir,
-        weights: last_weights,
-        metrics,
-        seconds: t0.elapsed().as_secs_f64(),
-        interrupted,
-        skipped_images,
-    })
 }
 
 /// Global sample index of each image of this rank's batch (rank r of a world of w with k images
