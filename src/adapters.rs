@@ -6,8 +6,8 @@
 
 use cnx_datasets::image_io::{self, Image8};
 use cnx_datasets::{DetBatch, DetTargets, ImageMeta, Masks};
-use cnx_heads::detector::{Detections, GtInstances, ImgMeta, InstanceMasks, Losses};
 use cnx_heads::segmentor::{Segmentor, TestMode};
+use cnx_heads::structures::{Detections, GtInstances, ImgMeta, InstanceMasks, Losses};
 use cnx_heads::two_stage::TwoStageDetector;
 use std::sync::Arc;
 use tch::{Device, Tensor};

@@ -6,7 +6,7 @@
 use cnx_datasets::classes::{ADE20K_CLASSES, ADE20K_PALETTE};
 use cnx_datasets::draw;
 use cnx_datasets::image_io::Image8;
-use cnx_heads::detector::Detections;
+use cnx_heads::structures::Detections;
 use image::{Rgb, RgbImage};
 use tch::{Device, Kind};
 

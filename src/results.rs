@@ -2,7 +2,7 @@
 //! ids, compressed-RLE `segmentation` via `cnx_eval::mask`), plus the image's `file_name`.
 
 use cnx_eval::Rle;
-use cnx_heads::detector::Detections;
+use cnx_heads::structures::Detections;
 use serde::{Deserialize, Serialize};
 
 /// Compressed RLE in COCO JSON form.

@@ -66,7 +66,7 @@ fn case() -> Case {
         let ori = im["ori_shape"].as_array().unwrap();
         metas.push(ImgMeta {
             img_shape: (h, w),
-            pad_shape: cnx_heads::detector::pad_shape((h, w), 32),
+            pad_shape: cnx_heads::structures::pad_shape((h, w), 32),
             ori_shape: (ori[0].as_i64().unwrap(), ori[1].as_i64().unwrap()),
             scale_factor: (
                 sf[0].as_f64().unwrap() as f32,
@@ -105,6 +105,8 @@ fn same_proposals_detections_and_masks_as_mmdet() {
         let feats = det.features(&c.images, false);
         let props = det.proposals(&feats, &c.metas);
         for (i, p) in props.iter().enumerate() {
+            // mmdet's (K,5) rows: boxes then objectness.
+            let p = &p.to_rows();
             let e = &c.exp[&format!("proposals_{i}")];
             assert_eq!(p.size(), e.size(), "image {i}: proposal count");
             let d = max_abs(p, e);

@@ -40,7 +40,7 @@ fn main() {
     let (is, os, sf) = (v("img_shape"), v("ori_shape"), v("scale_factor"));
     let meta = ImgMeta {
         img_shape: (is[0] as i64, is[1] as i64),
-        pad_shape: cnx_heads::detector::pad_shape((is[0] as i64, is[1] as i64), 32),
+        pad_shape: cnx_heads::structures::pad_shape((is[0] as i64, is[1] as i64), 32),
         ori_shape: (os[0] as i64, os[1] as i64),
         scale_factor: (sf[0], sf[1]),
     };

@@ -1,6 +1,6 @@
 //! FLOPs of each part of Mask R-CNN at 1280x800 (debugging the `cnx flops` count).
 use cnx_backbone::flops::count;
-use cnx_heads::boxes::bbox2roi;
+use cnx_heads::structures::Rois;
 use cnx_heads::{Detector, DetectorConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -21,7 +21,7 @@ fn main() {
         let (_, t) = count(|| det.rpn.forward(&feats));
         println!("rpn {:.2}G", t.total / 1e9);
         let props = Tensor::randn([1000, 4], (Kind::Float, Device::Cpu));
-        let rois = bbox2roi(&[&props]);
+        let rois = Rois::single(&props);
         let (_, t) = count(|| det.roi_head.forward_dummy(&feats, &rois));
         println!(
             "roi head (box + mask) {:.2}G {:?}",

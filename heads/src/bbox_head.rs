@@ -4,6 +4,7 @@
 
 use crate::assigner::SamplingResult;
 use crate::coder::DeltaXYWHCoder;
+use crate::structures::Rois;
 use cnx_backbone::nn::Linear;
 use cnx_backbone::replica::MeanDivisor;
 use serde::{Deserialize, Serialize};
@@ -97,13 +98,13 @@ pub struct BoxTargets {
     pub pos_idx: Tensor,
 }
 
-/// RoIs (K,5) of sampled boxes (positives then negatives per image).
-pub fn sampled_rois(samples: &[SamplingResult]) -> Tensor {
+/// RoIs of the sampled boxes (positives then negatives per image).
+pub fn sampled_rois(samples: &[SamplingResult]) -> Rois {
     let boxes: Vec<Tensor> = samples
         .iter()
         .map(|s| Tensor::cat(&[s.pos_boxes(), s.neg_boxes()], 0))
         .collect();
-    crate::boxes::bbox2roi(&boxes.iter().collect::<Vec<_>>())
+    Rois::from_boxes(&boxes.iter().collect::<Vec<_>>())
 }
 
 /// Targets; `gt_boxes` per image, `coder` the stage's coder; background label = num_classes.
@@ -214,10 +215,10 @@ pub struct BoxDetections {
     pub labels: Tensor,
 }
 
-/// mmdet `BBoxHead.get_bboxes` + `multiclass_nms` for one image: `rois` (R,5), class logits,
-/// deltas; `img_shape` (h, w) for clipping, `scale_factor` (w, h, w, h) for rescaling.
+/// mmdet `BBoxHead.get_bboxes` + `multiclass_nms` for one image: its RoIs' boxes (R,4), class
+/// logits, deltas; `img_shape` (h, w) for clipping, `scale_factor` (w, h, w, h) for rescaling.
 pub fn get_bboxes(
-    rois: &Tensor,
+    roi_boxes: &Tensor,
     cls: &Tensor,
     bbox_pred: &Tensor,
     coder: &DeltaXYWHCoder,
@@ -226,9 +227,9 @@ pub fn get_bboxes(
     cfg: &RcnnTestCfg,
 ) -> BoxDetections {
     let scores = cls.softmax(-1, Kind::Float);
-    let r = rois.size()[0];
+    let r = roi_boxes.size()[0];
     let boxes = coder.decode(
-        &rois.slice(1, 1, 5, 1),
+        roi_boxes,
         bbox_pred,
         Some((img_shape.0 as f64, img_shape.1 as f64)),
     );

@@ -1,52 +1,8 @@
 //! Axis-aligned boxes `(x1, y1, x2, y2)` as N,4 float tensors: areas, pairwise IoU / GIoU
-//! (torchvision's formulas), mmdet's `bbox_overlaps` (with its eps), clipping and the `rois`
-//! layout `(batch_index, x1, y1, x2, y2)` the RoI ops take.
+//! (torchvision's formulas), mmdet's `bbox_overlaps` (with its eps) and clipping. A batch's
+//! RoIs are [`crate::structures::Rois`].
 
 use tch::{Kind, Tensor};
-
-/// A set of boxes `(x1, y1, x2, y2)`, N,4 float; operations return new values (autograd-safe).
-#[derive(Debug)]
-pub struct Boxes(pub Tensor);
-
-impl Clone for Boxes {
-    fn clone(&self) -> Self {
-        Boxes(self.0.shallow_clone())
-    }
-}
-
-impl Boxes {
-    pub fn new(t: Tensor) -> Self {
-        Boxes(t)
-    }
-    pub fn tensor(&self) -> &Tensor {
-        &self.0
-    }
-    pub fn len(&self) -> i64 {
-        self.0.size()[0]
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    pub fn area(&self) -> Tensor {
-        box_area(&self.0)
-    }
-    /// Clamp x to [0, w] and y to [0, h].
-    pub fn clip(&self, h: f64, w: f64) -> Boxes {
-        Boxes(clip_boxes(&self.0, h, w))
-    }
-    /// Multiply x by `sx`, y by `sy`.
-    pub fn scale(&self, sx: f64, sy: f64) -> Boxes {
-        let s = Tensor::from_slice(&[sx as f32, sy as f32, sx as f32, sy as f32])
-            .to_device(self.0.device());
-        Boxes(&self.0 * s.to_kind(self.0.kind()))
-    }
-    pub fn iou(&self, other: &Boxes) -> Tensor {
-        box_iou(&self.0, &other.0)
-    }
-    pub fn index_select(&self, idx: &Tensor) -> Boxes {
-        Boxes(self.0.index_select(0, idx))
-    }
-}
 
 /// Area `(x2 - x1) * (y2 - y1)` of each box.
 pub fn box_area(b: &Tensor) -> Tensor {
@@ -127,20 +83,6 @@ pub fn clip_boxes(b: &Tensor, h: f64, w: f64) -> Tensor {
     let x2 = b.select(1, 2).clamp(0.0, w);
     let y2 = b.select(1, 3).clamp(0.0, h);
     Tensor::stack(&[x1, y1, x2, y2], 1)
-}
-
-/// mmdet's `bbox2roi`: concatenate per-image boxes into K,5 rois `(img_index, x1, y1, x2, y2)`.
-pub fn bbox2roi(per_image: &[&Tensor]) -> Tensor {
-    let parts: Vec<Tensor> = per_image
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let b = b.slice(1, 0, 4, 1);
-            let idx = Tensor::full([b.size()[0], 1], i as f64, (b.kind(), b.device()));
-            Tensor::cat(&[idx, b], 1)
-        })
-        .collect();
-    Tensor::cat(&parts, 0)
 }
 
 /// Copy a small float tensor to a Vec<f32> (CPU, contiguous).

@@ -7,15 +7,15 @@
 
 use crate::assigner::{MaxIoUAssigner, RandomSampler};
 use crate::bbox_head::{self, BoxHead, RcnnTestCfg};
-use crate::boxes::bbox2roi;
 use crate::coder::DeltaXYWHCoder;
 use crate::conv_module::ConvModule;
-use crate::detector::{Detections, DetectorConfig, GtInstances, ImgMeta};
+use crate::detector::DetectorConfig;
 use crate::mask_head::FcnMaskHead;
 use crate::roi_head::{
     assemble, assign_and_sample, box_detections, detection_masks, mask_loss, RoiExtractors, RoiHead,
 };
 use crate::rpn::ProposalCfg;
+use crate::structures::{Detections, GtInstances, ImgMeta, Proposals, Rois};
 use crate::two_stage::{DetectorSpec, TwoStageDetector};
 use crate::HeadsError;
 use cnx_backbone::nn::Linear;
@@ -181,27 +181,21 @@ impl CascadeConfig {
 }
 
 /// `BBoxHead.regress_by_class`: apply each RoI's `labels` deltas from class-specific `reg`
-/// (R,4K) to `rois` (R,5), clipped to `img_shape`; returns new rois (R,5).
+/// (R,4K) to one image's RoI boxes (R,4), clipped to `img_shape`; returns the new boxes (R,4).
 pub fn regress_by_class(
-    rois: &Tensor,
+    boxes: &Tensor,
     labels: &Tensor,
     reg: &Tensor,
     coder: &DeltaXYWHCoder,
     img_shape: (i64, i64),
 ) -> Tensor {
-    let r = rois.size()[0];
-    if r == 0 {
-        return rois.shallow_clone();
+    if boxes.size()[0] == 0 {
+        return boxes.shallow_clone();
     }
     let l = (labels * 4).view([-1, 1]);
     let inds = Tensor::cat(&[&l, &(&l + 1), &(&l + 2), &(&l + 3)], 1);
     let d = reg.gather(1, &inds, false);
-    let b = coder.decode(
-        &rois.slice(1, 1, 5, 1),
-        &d,
-        Some((img_shape.0 as f64, img_shape.1 as f64)),
-    );
-    Tensor::cat(&[rois.slice(1, 0, 1, 1), b], 1)
+    coder.decode(boxes, &d, Some((img_shape.0 as f64, img_shape.1 as f64)))
 }
 
 impl DetectorSpec for CascadeConfig {
@@ -271,7 +265,7 @@ impl CascadeRoiHead {
         &self,
         cls: &Tensor,
         reg: &Tensor,
-        rois: &Tensor,
+        rois: &Rois,
         t: &bbox_head::BoxTargets,
         coder: &DeltaXYWHCoder,
     ) -> (Tensor, Tensor, Tensor) {
@@ -280,7 +274,7 @@ impl CascadeRoiHead {
         let pos_idx = &t.pos_idx;
         let loss_bbox = if pos_idx.size()[0] > 0 {
             let d = bbox_head::select_class_deltas(reg, &t.labels, pos_idx).to_kind(Kind::Float);
-            let pr = rois.index_select(0, pos_idx).slice(1, 1, 5, 1);
+            let pr = rois.boxes().index_select(0, pos_idx);
             let pred = coder.decode(&pr, &d, None);
             let g = crate::boxes::aligned_giou(&pred, &t.bbox_targets.index_select(0, pos_idx));
             n.divide(&(g.neg() + 1.0).sum(Kind::Float)) * self.config.giou_weight
@@ -297,21 +291,19 @@ impl RoiHead for CascadeRoiHead {
     fn forward_train(
         &self,
         feats: &[Tensor],
-        proposals: &[Tensor],
+        proposals: &[Proposals],
         metas: &[ImgMeta],
         gts: &[GtInstances],
     ) -> BTreeMap<String, Tensor> {
         let gt_boxes: Vec<Tensor> = gts.iter().map(|g| g.boxes.to_kind(Kind::Float)).collect();
-        let mut proposals: Vec<Tensor> = proposals
-            .iter()
-            .map(|p| p.slice(1, 0, 4, 1).detach())
-            .collect();
+        // Each stage's boxes per image: the proposals, then the previous stage's refinement.
+        let mut boxes: Vec<Tensor> = proposals.iter().map(|p| p.boxes.detach()).collect();
         let mut m = BTreeMap::new();
         let r = &self.config.base.roi;
         let rf = self.extractors.levels(feats);
         let n_stages = self.config.stages.len();
         for (i, st) in self.config.stages.iter().enumerate() {
-            let samples = assign_and_sample(&st.assigner, &st.sampler, &proposals, gts, &gt_boxes);
+            let samples = assign_and_sample(&st.assigner, &st.sampler, &boxes, gts, &gt_boxes);
             let rois = bbox_head::sampled_rois(&samples);
             let bf = self.extractors.bbox.forward(rf, &rois);
             let (cls, reg) = self.bbox_heads[i].forward(&bf, true);
@@ -332,29 +324,26 @@ impl RoiHead for CascadeRoiHead {
                 // mmdet `refine_bboxes`: background RoIs take their argmax foreground class,
                 // every RoI is regressed by its class, then RoIs that were GT boxes added as
                 // proposals (positives with `pos_is_gt`) are dropped.
-                proposals = tch::no_grad(|| {
+                boxes = tch::no_grad(|| {
                     let k = r.num_classes;
                     let cls = cls.detach().to_kind(Kind::Float);
                     let reg = reg.detach().to_kind(Kind::Float);
                     let fg = cls.slice(1, 0, k, 1).argmax(1, false);
                     let labels = fg.where_self(&t.labels.eq(k), &t.labels);
-                    let counts: Vec<i64> =
-                        samples.iter().map(|s| s.num_pos() + s.num_neg()).collect();
-                    let rois_s = rois.split_with_sizes(&counts, 0);
-                    let lab_s = labels.split_with_sizes(&counts, 0);
-                    let reg_s = reg.split_with_sizes(&counts, 0);
+                    let boxes_s = rois.split(&rois.boxes());
+                    let lab_s = rois.split(&labels);
+                    let reg_s = rois.split(&reg);
                     samples
                         .iter()
                         .enumerate()
                         .map(|(j, s)| {
                             let new = regress_by_class(
-                                &rois_s[j],
+                                &boxes_s[j],
                                 &lab_s[j],
                                 &reg_s[j],
                                 &st.coder,
                                 metas[j].img_shape,
-                            )
-                            .slice(1, 1, 5, 1);
+                            );
                             let g = if st.sampler.add_gt_as_proposals {
                                 gt_boxes[j].size()[0]
                             } else {
@@ -383,15 +372,14 @@ impl RoiHead for CascadeRoiHead {
     fn simple_test(
         &self,
         feats: &[Tensor],
-        proposals: &[Tensor],
+        proposals: &[Proposals],
         metas: &[ImgMeta],
     ) -> Vec<Detections> {
         let r = &self.config.base.roi;
         let test: &RcnnTestCfg = &r.test;
         let rf = self.extractors.levels(feats);
-        let counts: Vec<i64> = proposals.iter().map(|p| p.size()[0]).collect();
         let n_img = proposals.len();
-        let mut rois = bbox2roi(&proposals.iter().collect::<Vec<_>>());
+        let mut rois = Rois::from_proposals(proposals);
         let k = r.num_classes;
         let mut cls_sum: Option<Tensor> = None;
         let mut last_reg: Option<Tensor> = None;
@@ -405,14 +393,14 @@ impl RoiHead for CascadeRoiHead {
                 Some(s) => s + &cls,
             });
             if i + 1 < n_stages {
-                let rois_s = rois.split_with_sizes(&counts, 0);
-                let cls_s = cls.split_with_sizes(&counts, 0);
-                let reg_s = reg.split_with_sizes(&counts, 0);
+                let boxes_s = rois.split(&rois.boxes());
+                let cls_s = rois.split(&cls);
+                let reg_s = rois.split(&reg);
                 let refined: Vec<Tensor> = (0..n_img)
                     .map(|j| {
                         let lab = cls_s[j].slice(1, 0, k, 1).argmax(1, false);
                         regress_by_class(
-                            &rois_s[j],
+                            &boxes_s[j],
                             &lab,
                             &reg_s[j],
                             &self.config.stages[i].coder,
@@ -420,7 +408,7 @@ impl RoiHead for CascadeRoiHead {
                         )
                     })
                     .collect();
-                rois = Tensor::cat(&refined, 0);
+                rois = rois.with_boxes(&Tensor::cat(&refined, 0));
             } else {
                 last_reg = Some(reg);
             }
@@ -428,9 +416,9 @@ impl RoiHead for CascadeRoiHead {
         let cls = cls_sum.expect("at least one stage") / n_stages as f64;
         let reg = last_reg.expect("at least one stage");
         let last_coder = &self.config.stages[n_stages - 1].coder;
-        let dets = box_detections(&rois, &cls, &reg, proposals, metas, |_| (last_coder, test));
+        let dets = box_detections(&rois, &cls, &reg, metas, |_| (last_coder, test));
         let masks = (!self.mask_heads.is_empty()).then(|| {
-            detection_masks(&dets, metas, test.mask_thr_binary, &rois, |mrois| {
+            detection_masks(&dets, metas, test.mask_thr_binary, rois.device(), |mrois| {
                 let mf = self.extractors.mask.forward(rf, mrois);
                 // merge_aug_masks: the mean of the stages' sigmoid probabilities.
                 let mut prob: Option<Tensor> = None;
@@ -448,14 +436,14 @@ impl RoiHead for CascadeRoiHead {
     }
 
     /// The same RoIs through every box head, the first 100 through every mask head.
-    fn forward_dummy(&self, feats: &[Tensor], rois: &Tensor) -> Tensor {
+    fn forward_dummy(&self, feats: &[Tensor], rois: &Rois) -> Tensor {
         let rf = self.extractors.levels(feats);
         let mut s = Tensor::zeros([], (Kind::Float, rois.device()));
         for h in &self.bbox_heads {
             let (cls, _) = h.forward(&self.extractors.bbox.forward(rf, rois), false);
             s += cls.sum(Kind::Float);
         }
-        let mr = rois.slice(0, 0, 100, 1);
+        let mr = rois.first(100);
         for mh in &self.mask_heads {
             s += mh
                 .forward(&self.extractors.mask.forward(rf, &mr))

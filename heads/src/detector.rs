@@ -1,20 +1,18 @@
-//! Mask R-CNN's serde config ([`DetectorConfig`]: backbone, FPN, RPN, RoI stage) and the typed
-//! structures a detector consumes and produces: image metas, ground-truth instances, named
-//! losses and detections. The network itself is [`crate::two_stage::TwoStageDetector`] with a
-//! standard RoI head ([`Detector`]).
+//! Mask R-CNN's serde config ([`DetectorConfig`]: backbone, FPN, RPN, RoI stage) and its mask
+//! targets. The network itself is [`crate::two_stage::TwoStageDetector`] with a standard RoI
+//! head ([`Detector`]); what it consumes and produces is in [`crate::structures`].
 
 use crate::anchors::AnchorGenerator;
 use crate::assigner::{MaxIoUAssigner, RandomSampler};
 use crate::bbox_head::RcnnTestCfg;
 use crate::coder::DeltaXYWHCoder;
 use crate::rpn::{ProposalCfg, RpnHead};
+use crate::structures::GtInstances;
 use crate::HeadsError;
 use cnx_backbone::config::BackboneConfig;
 use cnx_backbone::convnext::ConvNeXtConfig;
 use cnx_backbone::dense::DenseBackbone;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
@@ -195,102 +193,12 @@ impl DetectorConfig {
     }
 }
 
-/// Per-image information the detector needs (mmdet's `img_metas`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImgMeta {
-    /// (h, w) after resize, before padding.
-    pub img_shape: (i64, i64),
-    /// (h, w) after padding this image alone to the size divisor (mmdet's `pad_shape`).
-    pub pad_shape: (i64, i64),
-    /// (h, w) of the original image.
-    pub ori_shape: (i64, i64),
-    /// (w_scale, h_scale) of the resize.
-    pub scale_factor: (f32, f32),
-}
-
-/// `(h, w)` padded up to a multiple of `divisor` (the data pipeline's `Pad(size_divisor)`).
-pub fn pad_shape(hw: (i64, i64), divisor: i64) -> (i64, i64) {
-    let up = |x: i64| (x + divisor - 1) / divisor * divisor;
-    (up(hw.0), up(hw.1))
-}
-
-impl ImgMeta {
-    /// `scale_factor` as mmdet's 4-vector (w, h, w, h).
-    pub(crate) fn sf4(&self) -> [f32; 4] {
-        [
-            self.scale_factor.0,
-            self.scale_factor.1,
-            self.scale_factor.0,
-            self.scale_factor.1,
-        ]
-    }
-}
-
-/// Training targets of one image (padded-image coordinates).
-#[derive(Debug)]
-pub struct GtInstances {
-    /// (G,4) float.
-    pub boxes: Tensor,
-    /// (G) int64, contiguous 0..K-1.
-    pub labels: Tensor,
-    /// The instances' masks for mask targets (canvas = the padded image); `None` trains no
-    /// mask branch signal (all-zero targets).
-    pub masks: Option<Arc<dyn InstanceMasks>>,
-}
-
-/// Ground-truth instance masks as the mask head's targets need them: mmdet's
-/// `BitmapMasks.crop_and_resize` (each positive's GT mask cropped to its proposal box and
-/// resized to `out` x `out`, binarised). The data side implements it for its own mask storage,
-/// so the heads do not depend on a dataset crate.
-pub trait InstanceMasks: Send + Sync + std::fmt::Debug {
-    /// `out*out` bytes (0/1) per `(box, gt index)` pair, row-major, concatenated.
-    fn crop_and_resize(&self, boxes: &[[f32; 4]], gt_inds: &[usize], out: usize) -> Vec<u8>;
-}
-
-/// Named losses (mmdet keys) plus `acc`; `total()` sums the `loss*` entries.
-#[derive(Debug, Default)]
-pub struct Losses(pub BTreeMap<String, Tensor>);
-
-impl Losses {
-    pub fn total(&self) -> Tensor {
-        let mut it = self
-            .0
-            .iter()
-            .filter(|(k, _)| k.starts_with("loss"))
-            .map(|(_, v)| v.shallow_clone());
-        let first = it.next().expect("at least one loss");
-        it.fold(first, |a, b| a + b)
-    }
-    pub fn get(&self, k: &str) -> Option<&Tensor> {
-        self.0.get(k)
-    }
-    /// Scalar values for logging.
-    pub fn values(&self) -> BTreeMap<String, f64> {
-        self.0
-            .iter()
-            .map(|(k, v)| (k.clone(), v.double_value(&[])))
-            .collect()
-    }
-}
-
-/// Detections of one image, in original-image coordinates.
-#[derive(Debug)]
-pub struct Detections {
-    /// (D,4) x1,y1,x2,y2.
-    pub boxes: Tensor,
-    pub scores: Tensor,
-    /// Contiguous labels 0..K-1.
-    pub labels: Tensor,
-    /// (D, ori_h, ori_w) bool, when the model has a mask head.
-    pub masks: Option<Tensor>,
-}
-
 /// Mask R-CNN is the two-stage detector with a [`crate::roi_head::StandardRoiHead`] (built from a
 /// [`DetectorConfig`]).
 pub type Detector = crate::two_stage::TwoStageDetector;
 
 /// 28x28 (or `out`) binary mask targets of one image's positives via the ground truth's
-/// [`InstanceMasks::crop_and_resize`] (mmdet `mask_target_single`).
+/// [`crate::structures::InstanceMasks::crop_and_resize`] (mmdet `mask_target_single`).
 pub fn mask_targets(
     pos_boxes: &Tensor,
     pos_gt_inds: &Tensor,

@@ -27,9 +27,9 @@ impl DenseModel for crate::two_stage::TwoStageDetector {
     fn infer(&self, image: &Tensor) -> Tensor {
         let s = image.size();
         let hw = (s[2], s[3]);
-        let meta = crate::detector::ImgMeta {
+        let meta = crate::structures::ImgMeta {
             img_shape: hw,
-            pad_shape: crate::detector::pad_shape(hw, 32),
+            pad_shape: crate::structures::pad_shape(hw, 32),
             ori_shape: hw,
             scale_factor: (1.0, 1.0),
         };

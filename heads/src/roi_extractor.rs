@@ -2,6 +2,7 @@
 //! (`level = floor(log2(sqrt(w*h) / finest_scale + 1e-6))`, clamped to the levels given).
 
 use crate::roi_align::roi_align_levels;
+use crate::structures::Rois;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone)]
@@ -22,7 +23,7 @@ impl RoiExtractor {
         }
     }
 
-    /// Target level of each RoI (R,5).
+    /// Target level of each RoI row (R,5: image index, x1, y1, x2, y2).
     pub fn map_levels(&self, rois: &Tensor) -> Tensor {
         let scale = ((rois.select(1, 3) - rois.select(1, 1))
             * (rois.select(1, 4) - rois.select(1, 2)))
@@ -35,7 +36,8 @@ impl RoiExtractor {
     /// Pooled features (R, C, S, S) of `rois` from `feats` (the first `strides.len()` levels):
     /// all levels in one [`roi_align_levels`] call, so the level split costs no host read of
     /// its own.
-    pub fn forward(&self, feats: &[Tensor], rois: &Tensor) -> Tensor {
+    pub fn forward(&self, feats: &[Tensor], rois: &Rois) -> Tensor {
+        let rois = &rois.rows;
         let r = rois.size()[0];
         let c = feats[0].size()[1];
         let s = self.output_size;

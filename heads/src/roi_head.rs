@@ -5,36 +5,36 @@
 
 use crate::assigner::{MaxIoUAssigner, RandomSampler, SamplingResult};
 use crate::bbox_head::{self, BoxDetections, BoxHead, Shared2FcBoxHead};
-use crate::boxes::bbox2roi;
-use crate::detector::{mask_targets, Detections, GtInstances, ImgMeta, RoiHeadCfg};
+use crate::detector::{mask_targets, RoiHeadCfg};
 use crate::mask_head::{self, FcnMaskHead};
 use crate::roi_extractor::RoiExtractor;
+use crate::structures::{Detections, GtInstances, ImgMeta, Proposals, Rois};
 use std::collections::BTreeMap;
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
 /// What a detector's RoI stage does in training, at test time and for FLOP counting.
 pub trait RoiHead: std::fmt::Debug + Send {
-    /// Losses (mmdet names) for the RPN's training proposals (K,5 with scores) of each image.
+    /// Losses (mmdet names) for the RPN's training proposals of each image.
     fn forward_train(
         &self,
         feats: &[Tensor],
-        proposals: &[Tensor],
+        proposals: &[Proposals],
         metas: &[ImgMeta],
         gts: &[GtInstances],
     ) -> BTreeMap<String, Tensor>;
 
-    /// Detections in original-image coordinates from test proposals (K,5) of each image.
+    /// Detections in original-image coordinates from the test proposals of each image.
     fn simple_test(
         &self,
         feats: &[Tensor],
-        proposals: &[Tensor],
+        proposals: &[Proposals],
         metas: &[ImgMeta],
     ) -> Vec<Detections>;
 
-    /// mmdet's `forward_dummy` of the RoI stage: `rois` (R,5) through every box head, the first
-    /// 100 through every mask head; a scalar that depends on all outputs.
-    fn forward_dummy(&self, feats: &[Tensor], rois: &Tensor) -> Tensor;
+    /// mmdet's `forward_dummy` of the RoI stage: `rois` through every box head, the first 100
+    /// through every mask head; a scalar that depends on all outputs.
+    fn forward_dummy(&self, feats: &[Tensor], rois: &Rois) -> Tensor;
 
     /// Number of object classes (background excluded).
     fn num_classes(&self) -> i64;
@@ -109,13 +109,13 @@ impl RoiHead for StandardRoiHead {
     fn forward_train(
         &self,
         feats: &[Tensor],
-        proposals: &[Tensor],
+        proposals: &[Proposals],
         _metas: &[ImgMeta],
         gts: &[GtInstances],
     ) -> BTreeMap<String, Tensor> {
         let r = &self.cfg;
         let gt_boxes: Vec<Tensor> = gts.iter().map(|g| g.boxes.to_kind(Kind::Float)).collect();
-        let boxes: Vec<Tensor> = proposals.iter().map(|p| p.slice(1, 0, 4, 1)).collect();
+        let boxes: Vec<Tensor> = proposals.iter().map(|p| p.boxes.shallow_clone()).collect();
         let samples = assign_and_sample(&r.assigner, &r.sampler, &boxes, gts, &gt_boxes);
         let rf = self.extractors.levels(feats);
         let rois = bbox_head::sampled_rois(&samples);
@@ -139,37 +139,41 @@ impl RoiHead for StandardRoiHead {
     fn simple_test(
         &self,
         feats: &[Tensor],
-        proposals: &[Tensor],
+        proposals: &[Proposals],
         metas: &[ImgMeta],
     ) -> Vec<Detections> {
         let r = &self.cfg;
         let rf = self.extractors.levels(feats);
-        let rois = bbox2roi(&proposals.iter().collect::<Vec<_>>());
+        let rois = Rois::from_proposals(proposals);
         let bf = self.extractors.bbox.forward(rf, &rois);
         // Post-processing in f32 even under autocast (box coordinates need the precision).
         let (cls, reg) = self.bbox_head.forward(&bf, false);
         let (cls, reg) = (cls.to_kind(Kind::Float), reg.to_kind(Kind::Float));
-        let dets = box_detections(&rois, &cls, &reg, proposals, metas, |_| {
-            (&r.bbox_coder, &r.test)
-        });
+        let dets = box_detections(&rois, &cls, &reg, metas, |_| (&r.bbox_coder, &r.test));
         let masks = self.mask_head.as_ref().map(|mh| {
-            detection_masks(&dets, metas, r.test.mask_thr_binary, &rois, |mrois| {
-                mh.forward(&self.extractors.mask.forward(rf, mrois))
-                    .to_kind(Kind::Float)
-                    .sigmoid()
-            })
+            detection_masks(
+                &dets,
+                metas,
+                r.test.mask_thr_binary,
+                rois.device(),
+                |mrois| {
+                    mh.forward(&self.extractors.mask.forward(rf, mrois))
+                        .to_kind(Kind::Float)
+                        .sigmoid()
+                },
+            )
         });
         assemble(dets, masks)
     }
 
-    fn forward_dummy(&self, feats: &[Tensor], rois: &Tensor) -> Tensor {
+    fn forward_dummy(&self, feats: &[Tensor], rois: &Rois) -> Tensor {
         let rf = self.extractors.levels(feats);
         let (cls, _) = self
             .bbox_head
             .forward(&self.extractors.bbox.forward(rf, rois), false);
         let mut s = cls.sum(Kind::Float);
         if let Some(mh) = &self.mask_head {
-            let mr = rois.slice(0, 0, 100, 1);
+            let mr = rois.first(100);
             s += mh
                 .forward(&self.extractors.mask.forward(rf, &mr))
                 .sum(Kind::Float);
@@ -219,7 +223,7 @@ pub fn mask_loss(
     mask_roi_size: i64,
 ) -> Tensor {
     let pos: Vec<Tensor> = samples.iter().map(|s| s.pos_boxes()).collect();
-    let pos_rois = bbox2roi(&pos.iter().collect::<Vec<_>>());
+    let pos_rois = Rois::from_boxes(&pos.iter().collect::<Vec<_>>());
     let out = 2 * mask_roi_size;
     let targets: Vec<Tensor> = tch::no_grad(|| {
         samples
@@ -251,24 +255,22 @@ pub fn mask_loss(
 }
 
 /// Per-image box post-processing (decode, score threshold, per-class NMS, rescale) of a batch's
-/// class scores and deltas; `settings(i)` gives image i's coder and test settings.
+/// class scores and deltas for its RoIs; `settings(i)` gives image i's coder and test settings.
 pub fn box_detections<'a>(
-    rois: &Tensor,
+    rois: &Rois,
     cls: &Tensor,
     reg: &Tensor,
-    proposals: &[Tensor],
     metas: &[ImgMeta],
     settings: impl Fn(usize) -> (&'a crate::coder::DeltaXYWHCoder, &'a bbox_head::RcnnTestCfg),
 ) -> Vec<BoxDetections> {
-    let counts: Vec<i64> = proposals.iter().map(|p| p.size()[0]).collect();
-    let rois_s = rois.split_with_sizes(&counts, 0);
-    let cls_s = cls.split_with_sizes(&counts, 0);
-    let reg_s = reg.split_with_sizes(&counts, 0);
-    (0..proposals.len())
+    let boxes_s = rois.split(&rois.boxes());
+    let cls_s = rois.split(cls);
+    let reg_s = rois.split(reg);
+    (0..rois.counts.len())
         .map(|i| {
             let (coder, test) = settings(i);
             bbox_head::get_bboxes(
-                &rois_s[i],
+                &boxes_s[i],
                 &cls_s[i],
                 &reg_s[i],
                 coder,
@@ -282,13 +284,13 @@ pub fn box_detections<'a>(
 
 /// Binary masks (D, ori_h, ori_w) of each image's detections. `probs` maps the mask RoIs (in
 /// the resized image) to per-class probabilities (R, K, 28, 28); each detection's label channel
-/// is pasted into the original image at `thr`. `like` gives the device for empty results.
+/// is pasted into the original image at `thr`. `device` holds empty results.
 pub fn detection_masks(
     dets: &[BoxDetections],
     metas: &[ImgMeta],
     thr: f64,
-    like: &Tensor,
-    probs: impl FnOnce(&Tensor) -> Tensor,
+    device: tch::Device,
+    probs: impl FnOnce(&Rois) -> Tensor,
 ) -> Vec<Tensor> {
     let scaled: Vec<Tensor> = dets
         .iter()
@@ -300,9 +302,9 @@ pub fn detection_masks(
         Tensor::zeros([0, m.ori_shape.0, m.ori_shape.1], (Kind::Bool, device))
     };
     if dc.iter().sum::<i64>() == 0 {
-        return metas.iter().map(|m| empty(m, like.device())).collect();
+        return metas.iter().map(|m| empty(m, device)).collect();
     }
-    let prob = probs(&bbox2roi(&scaled.iter().collect::<Vec<_>>()));
+    let prob = probs(&Rois::from_boxes(&scaled.iter().collect::<Vec<_>>()));
     let parts = prob.split_with_sizes(&dc, 0);
     dets.iter()
         .enumerate()

@@ -6,6 +6,7 @@
 use crate::anchors::AnchorGenerator;
 use crate::assigner::{MaxIoUAssigner, RandomSampler};
 use crate::coder::DeltaXYWHCoder;
+use crate::structures::Proposals;
 use cnx_backbone::nn::{Conv2d, ConvOpts};
 use cnx_backbone::replica;
 use serde::{Deserialize, Serialize};
@@ -127,13 +128,13 @@ impl RpnHead {
         self.anchors.anchors(&sizes, out.cls[0].device())
     }
 
-    /// Proposals (K,5: x1,y1,x2,y2,score) of each image; `img_shapes` are the unpadded (h, w).
+    /// Proposals of each image, best first; `img_shapes` are the unpadded (h, w).
     pub fn proposals(
         &self,
         out: &RpnOutputs,
         img_shapes: &[(i64, i64)],
         cfg: &ProposalCfg,
-    ) -> Vec<Tensor> {
+    ) -> Vec<Proposals> {
         let anchors = self.level_anchors(out);
         let n = out.cls[0].size()[0];
         (0..n)
@@ -200,18 +201,12 @@ impl RpnHead {
                         }
                     }
                     if props.size()[0] == 0 {
-                        return Tensor::zeros([0, 5], (Kind::Float, props.device()));
+                        return Proposals::empty(props.device());
                     }
                     let keep =
                         crate::nms::mmcv_batched_nms(&props, &scores, &ids, cfg.iou_threshold);
                     let keep = keep.slice(0, 0, cfg.max_per_img.min(keep.size()[0]), 1);
-                    Tensor::cat(
-                        &[
-                            props.index_select(0, &keep),
-                            scores.index_select(0, &keep).unsqueeze(1),
-                        ],
-                        1,
-                    )
+                    Proposals::new(props.index_select(0, &keep), scores.index_select(0, &keep))
                 })
             })
             .collect()

@@ -3,11 +3,11 @@
 //! a [`StandardRoiHead`] or a [`crate::cascade::CascadeRoiHead`]; which one is decided by the
 //! config it is built from ([`DetectorSpec`]).
 
-use crate::boxes::bbox2roi;
-use crate::detector::{Detections, DetectorConfig, GtInstances, ImgMeta, Losses};
+use crate::detector::DetectorConfig;
 use crate::fpn::Fpn;
 use crate::roi_head::{RoiHead, StandardRoiHead};
 use crate::rpn::RpnHead;
+use crate::structures::{Detections, GtInstances, ImgMeta, Losses, Proposals, Rois};
 use cnx_backbone::dense::DenseBackbone;
 use std::collections::BTreeMap;
 use tch::nn::Path;
@@ -116,8 +116,8 @@ impl TwoStageDetector {
         })
     }
 
-    /// RPN proposals (K,5 with scores) per image, test settings.
-    pub fn proposals(&self, feats: &[Tensor], metas: &[ImgMeta]) -> Vec<Tensor> {
+    /// RPN proposals of each image, test settings.
+    pub fn proposals(&self, feats: &[Tensor], metas: &[ImgMeta]) -> Vec<Proposals> {
         let shapes: Vec<(i64, i64)> = metas.iter().map(|m| m.img_shape).collect();
         let out = self.rpn.forward(feats);
         self.rpn
@@ -128,7 +128,7 @@ impl TwoStageDetector {
     pub fn predict_from_proposals(
         &self,
         feats: &[Tensor],
-        proposals: &[Tensor],
+        proposals: &[Proposals],
         metas: &[ImgMeta],
     ) -> Vec<Detections> {
         self.roi_head.simple_test(feats, proposals, metas)
@@ -141,7 +141,7 @@ impl TwoStageDetector {
             let feats = self.features(images, false);
             let out = self.rpn.forward(&feats);
             let props = Tensor::randn([1000, 4], (Kind::Float, images.device()));
-            let rois = bbox2roi(&[&props]);
+            let rois = Rois::single(&props);
             out.cls[0].sum(Kind::Float) + self.roi_head.forward_dummy(&feats, &rois)
         })
     }

@@ -17,7 +17,7 @@ fn inputs() -> (Tensor, Vec<ImgMeta>, Vec<GtInstances>) {
     let images = Tensor::randn([1, 3, H, W], (Kind::Float, Device::Cpu));
     let metas = vec![ImgMeta {
         img_shape: (H, W),
-        pad_shape: cnx_heads::detector::pad_shape((H, W), 32),
+        pad_shape: cnx_heads::structures::pad_shape((H, W), 32),
         ori_shape: (H, W),
         scale_factor: (1.0, 1.0),
     }];

@@ -109,7 +109,7 @@ fn tiny_images_are_padded_and_masks_come_at_the_original_size() {
     let x = Tensor::randn([1, 3, 20, 13], (Kind::Float, Device::Cpu));
     let meta = ImgMeta {
         img_shape: (20, 13),
-        pad_shape: cnx_heads::detector::pad_shape((20, 13), 32),
+        pad_shape: cnx_heads::structures::pad_shape((20, 13), 32),
         ori_shape: (10, 7),
         scale_factor: (13.0 / 7.0, 2.0),
     };
@@ -139,7 +139,7 @@ fn training_with_an_image_without_boxes_gives_finite_losses() {
     let metas = vec![
         ImgMeta {
             img_shape: (64, 96),
-            pad_shape: cnx_heads::detector::pad_shape((64, 96), 32),
+            pad_shape: cnx_heads::structures::pad_shape((64, 96), 32),
             ori_shape: (64, 96),
             scale_factor: (1.0, 1.0)
         };

@@ -9,6 +9,7 @@ use cnx_heads::mask_head::{paste_masks, paste_masks_batched};
 use cnx_heads::nms::{batched_nms, mmcv_batched_nms, nms, nms_device};
 use cnx_heads::roi_align::roi_align;
 use cnx_heads::roi_extractor::RoiExtractor;
+use cnx_heads::structures::Rois;
 use cnx_heads::sync_count::with_device_paths;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -141,13 +142,13 @@ fn multilevel_extractor_equals_per_level_roi_align() {
     let r = 300;
     let xy = Tensor::rand([r, 2], (Kind::Float, Device::Cpu)) * 230.0;
     let wh = (Tensor::rand([r, 2], (Kind::Float, Device::Cpu)) * 5.0).exp() + 1.0;
-    let bidx = Tensor::randint(2, [r, 1], (Kind::Int64, Device::Cpu)).to_kind(Kind::Float);
-    let rois = Tensor::cat(&[bidx, xy.shallow_clone(), &xy + wh], 1);
-    let _ = rois.get(3).get(1).fill_(f64::NAN);
+    let boxes = Tensor::cat(&[xy.shallow_clone(), &xy + wh], 1);
+    let rois = Rois::from_boxes(&[&boxes.slice(0, 0, 170, 1), &boxes.slice(0, 170, r, 1)]);
+    let _ = rois.rows.get(3).get(1).fill_(f64::NAN);
     for s in [7, 14] {
         let ex = RoiExtractor::new(s, strides.clone());
         let got = ex.forward(&feats, &rois);
-        let levels = ex.map_levels(&rois);
+        let levels = ex.map_levels(&rois.rows);
         let mut want = Tensor::zeros([r, 6, s, s], (Kind::Float, Device::Cpu));
         for (l, st) in strides.iter().enumerate() {
             let inds = levels.eq(l as i64).nonzero().view([-1]);
@@ -156,7 +157,7 @@ fn multilevel_extractor_equals_per_level_roi_align() {
             }
             let pooled = roi_align(
                 &feats[l],
-                &rois.index_select(0, &inds),
+                &rois.rows.index_select(0, &inds),
                 (s, s),
                 1.0 / *st as f64,
                 0,

@@ -21,8 +21,8 @@ use cnx_backbone::replica::{
 };
 use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
 use cnx_heads::conv_module::ConvModule;
-use cnx_heads::detector::InstanceMasks;
 use cnx_heads::segmentor::{Segmentor, SegmentorConfig};
+use cnx_heads::structures::InstanceMasks;
 use cnx_heads::{Detector, DetectorConfig, GtInstances, ImgMeta};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -75,7 +75,7 @@ fn det_inputs() -> (Tensor, Vec<ImgMeta>, Vec<GtInstances>) {
         .collect();
     let meta = ImgMeta {
         img_shape: (H, W),
-        pad_shape: cnx_heads::detector::pad_shape((H, W), 32),
+        pad_shape: cnx_heads::structures::pad_shape((H, W), 32),
         ori_shape: (H, W),
         scale_factor: (1.0, 1.0),
     };

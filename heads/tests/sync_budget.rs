@@ -7,7 +7,7 @@
 //! would add to them concurrently.
 
 use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
-use cnx_heads::detector::InstanceMasks;
+use cnx_heads::structures::InstanceMasks;
 use cnx_heads::sync_count::{self, with_device_paths, SyncCounts};
 use cnx_heads::{Detector, DetectorConfig, GtInstances, ImgMeta};
 use std::sync::Arc;
@@ -48,7 +48,7 @@ fn inputs() -> (Tensor, Vec<ImgMeta>, Vec<GtInstances>) {
         .collect();
     let meta = ImgMeta {
         img_shape: (H, W),
-        pad_shape: cnx_heads::detector::pad_shape((H, W), 32),
+        pad_shape: cnx_heads::structures::pad_shape((H, W), 32),
         ori_shape: (200, 280),
         scale_factor: (0.8, 0.8),
     };

@@ -107,7 +107,7 @@ fn bench(args: &Args, device: Device, iters: usize) -> Result<()> {
     let x = Tensor::randn([1, 3, h, w], (tch::Kind::Float, device));
     let meta = ImgMeta {
         img_shape: (h, w),
-        pad_shape: cnx_heads::detector::pad_shape((h, w), 32),
+        pad_shape: cnx_heads::structures::pad_shape((h, w), 32),
         ori_shape: (h, w),
         scale_factor: (1.0, 1.0),
     };
@@ -178,7 +178,7 @@ pub fn prepare_batch(
         .zip(&resized)
         .map(|(img, (r, sf))| ImgMeta {
             img_shape: (r.h as i64, r.w as i64),
-            pad_shape: cnx_heads::detector::pad_shape((r.h as i64, r.w as i64), 32),
+            pad_shape: cnx_heads::structures::pad_shape((r.h as i64, r.w as i64), 32),
             ori_shape: (img.h as i64, img.w as i64),
             scale_factor: *sf,
         })

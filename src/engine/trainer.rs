@@ -647,7 +647,10 @@ impl<'a> Run<'a> {
         let skipped_note = if self.skipped_images.is_empty() {
             String::new()
         } else {
-            format!(" | {} unreadable images replaced", self.skipped_images.len())
+            format!(
+                " | {} unreadable images replaced",
+                self.skipped_images.len()
+            )
         };
         let iv = &mut self.interval;
         if !step.outcome.stepped {

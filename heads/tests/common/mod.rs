@@ -1,6 +1,6 @@
 //! Helpers shared by the heads' integration tests.
 
-use cnx_heads::detector::InstanceMasks;
+use cnx_heads::structures::InstanceMasks;
 
 /// Ground-truth masks shaped like boxes, for mask targets without a dataset: instance g's mask
 /// is its box inset by `inset` of its width / height on each side (0: the whole box), sampled at
