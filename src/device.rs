@@ -96,6 +96,16 @@ pub fn synchronize(d: Device) {
     }
 }
 
+/// cuDNN autotuning (`torch.backends.cudnn.benchmark`) as the official recipes set it: on for
+/// segmentation, whose training crops and test windows have fixed sizes (mmseg's configs say
+/// `cudnn_benchmark = True`), off for detection, whose image sizes vary batch by batch (mmdet's
+/// leave it off: every new shape would be tuned again). No-op off CUDA.
+pub fn cudnn_benchmark_for(d: Device, arch: crate::engine::config::Arch) {
+    if d.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(arch == crate::engine::config::Arch::Upernet);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,7 +50,6 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    cnx_backbone::runtime::prefer_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::Predict(a) => cmd::predict::run(a),

@@ -12,5 +12,4 @@ pub mod nn;
 pub mod replica;
 pub mod resnet;
 pub mod roadmap;
-pub mod runtime;
 pub mod swin;

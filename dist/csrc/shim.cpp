@@ -190,4 +190,28 @@ char* cnx_set_grad(void* param, void* grad) {
   return guarded("setting .grad", [&] { as_tensor(param).mutable_grad() = as_tensor(grad); });
 }
 
+char* cnx_fused_adamw(void* const* params, void* const* grads, void* const* exp_avgs,
+                      void* const* exp_avg_sqs, size_t n, double step, double lr, double beta1,
+                      double beta2, double weight_decay, double eps) {
+  return guarded("fused AdamW step", [&] {
+    if (n == 0) return;
+    std::vector<at::Tensor> p, g, m, v;
+    p.reserve(n), g.reserve(n), m.reserve(n), v.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      p.push_back(as_tensor(params[i]));
+      g.push_back(as_tensor(grads[i]));
+      m.push_back(as_tensor(exp_avgs[i]));
+      v.push_back(as_tensor(exp_avg_sqs[i]));
+    }
+    // torch.optim keeps one float32 step tensor per parameter on its device; the kernel reads
+    // them (a fill on the device, not an upload). One shared tensor: every parameter here has
+    // taken the same steps.
+    auto t = at::full({}, step, p[0].options().dtype(at::kFloat));
+    std::vector<at::Tensor> steps(n, t);
+    at::NoGradGuard no_grad;
+    at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+  });
+}
+
 }  // extern "C"

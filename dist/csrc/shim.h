@@ -46,6 +46,13 @@ char* cnx_sync_batch_norm(cnx_pg* pg, void* input, void* weight, void* bias, voi
 // param.grad = grad (tch exposes no setter for .grad; needed to give an undefined grad a value).
 char* cnx_set_grad(void* param, void* grad);
 
+// One AdamW step over n tensors in place with libtorch's fused kernel (torch.optim.AdamW(fused=
+// True): one vectorised pass per tensor instead of ~10 kernels). All on one device and dtype;
+// `step` is the step count after this step (bias corrections).
+char* cnx_fused_adamw(void* const* params, void* const* grads, void* const* exp_avgs,
+                      void* const* exp_avg_sqs, size_t n, double step, double lr, double beta1,
+                      double beta2, double weight_decay, double eps);
+
 #ifdef __cplusplus
 }
 #endif

@@ -65,6 +65,20 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> *mut c_char;
     pub fn cnx_set_grad(param: *mut c_void, grad: *mut c_void) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    pub fn cnx_fused_adamw(
+        params: *const *mut c_void,
+        grads: *const *mut c_void,
+        exp_avgs: *const *mut c_void,
+        exp_avg_sqs: *const *mut c_void,
+        n: usize,
+        step: f64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut c_char;
 }
 
 /// Converts the shim's error convention into a `Result`.

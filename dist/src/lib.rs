@@ -24,12 +24,16 @@
 //! - **Results.** [`ProcessGroup::all_gather_bytes`] collects serialized per-rank results (e.g.
 //!   evaluation detections) of any length, for rank 0 to merge.
 //!
+//! - **Operators tch does not bind.** [`ops::fused_adamw`] (the fused AdamW step) goes through
+//!   the same shim.
+//!
 //! All collectives block until complete and must be issued by every rank in the same order.
 
 mod env;
 mod error;
 mod ffi;
 mod grads;
+pub mod ops;
 mod pg;
 mod sync_bn;
 

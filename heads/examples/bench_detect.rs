@@ -10,7 +10,6 @@ use tch::{nn::VarStore, Device, Tensor};
 type Predict = Box<dyn Fn(&Tensor, &[ImgMeta]) -> Vec<Detections>>;
 
 fn main() {
-    cnx_backbone::runtime::prefer_huge_pages(); // as the cnx binary does
     let a: Vec<String> = std::env::args().collect();
     let (arch, dir, threads, runs): (&str, &str, i32, usize) =
         (&a[1], &a[2], a[3].parse().unwrap(), a[4].parse().unwrap());

@@ -10,7 +10,6 @@ use std::time::Instant;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 fn main() {
-    cnx_backbone::runtime::prefer_huge_pages(); // as the cnx binary does
     tch::manual_seed(0);
     let cfg = SegmentorConfig::upernet_convnext("tiny").unwrap();
     let vs = VarStore::new(Device::Cpu);

@@ -233,6 +233,7 @@ pub fn run(args: Args) -> Result<()> {
     if threads > 0 {
         tch::set_num_threads(threads);
     }
+    crate::device::cudnn_benchmark_for(device, cfg.model.arch());
     tch::manual_seed(args.seed as i64);
     let mut rng = Rng(args.seed ^ 0x636e_7862);
 
@@ -360,7 +361,7 @@ pub fn run(args: Args) -> Result<()> {
                 sync();
                 t.backward = ms_since(t1);
                 let t2 = Instant::now();
-                amp::finish_step(opt, scaler, 0.0);
+                amp::finish_step(opt, scaler, 0.0)?;
                 opt.zero_grad();
                 sync();
                 t.optimizer = ms_since(t2);

@@ -17,8 +17,8 @@ struct Report {
     /// Full build string of the linked PyTorch ("2.11.0+cu130").
     torch_build: String,
     cpu_threads: i32,
-    /// libtorch's CPU allocator asks for transparent huge pages (`THP_MEM_ALLOC_ENABLE`; cnx
-    /// sets it unless the user did).
+    /// libtorch's CPU allocator asks for transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, the
+    /// user's choice; off by default).
     cpu_huge_pages: bool,
     cuda_available: bool,
     cudnn_available: bool,
@@ -51,7 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if report.cpu_huge_pages {
             "on (THP_MEM_ALLOC_ENABLE=1)"
         } else {
-            "off (THP_MEM_ALLOC_ENABLE=0)"
+            "off (libtorch default; THP_MEM_ALLOC_ENABLE=1 turns it on)"
         }
     );
     println!(

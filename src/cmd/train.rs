@@ -96,12 +96,15 @@ pub fn train_config_on(
 ) -> Result<(Summary, Box<dyn tasks::DemoTask>)> {
     cfg.validate()?;
     let device = crate::engine::distributed::resolve_device(&cfg.runtime.device)?;
-    if cfg.runtime.threads > 0 {
-        tch::set_num_threads(cfg.runtime.threads);
-    }
+    let threads = crate::engine::threads::ThreadPlan::from_env(cfg, device);
+    threads.apply();
+    crate::device::cudnn_benchmark_for(device, cfg.model.arch());
     // Model config errors and missing data come before any work.
     tasks::check_model(cfg)?;
     let mut dp = DataParallel::from_env(backend, device)?;
+    if !opts.quiet && dp.as_ref().is_none_or(|d| d.is_main()) {
+        eprintln!("threads: {}", threads.describe());
+    }
     // Model initialisation draws from libtorch's generator: seed it so a run is repeatable.
     tch::manual_seed(cfg.runtime.seed as i64);
     let mut task = tasks::build(cfg, device)?;

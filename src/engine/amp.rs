@@ -152,7 +152,11 @@ pub struct StepOutcome {
 /// is), in one host read, update the scale, and when the step is taken clip to `clip_grad_norm`
 /// (0 = off) and step the optimizer. The order of `scaler.unscale_(opt);
 /// clip_grad_norm_(...); scaler.step(opt); scaler.update()` in PyTorch.
-pub fn finish_step(opt: &mut AdamW, scaler: &mut LossScaler, clip_grad_norm: f64) -> StepOutcome {
+pub fn finish_step(
+    opt: &mut AdamW,
+    scaler: &mut LossScaler,
+    clip_grad_norm: f64,
+) -> anyhow::Result<StepOutcome> {
     if scaler.enabled {
         opt.scale_grads(1.0 / scaler.scale);
     }
@@ -170,9 +174,9 @@ pub fn finish_step(opt: &mut AdamW, scaler: &mut LossScaler, clip_grad_norm: f64
                 opt.scale_grads(coef);
             }
         }
-        opt.step();
+        opt.step()?;
     }
-    StepOutcome { stepped, grad_norm }
+    Ok(StepOutcome { stepped, grad_norm })
 }
 
 #[cfg(test)]
@@ -271,7 +275,7 @@ mod tests {
                 let stepped = if loss_finite {
                     s.finite_loss();
                     (loss * s.scale).backward();
-                    let o = finish_step(&mut opt, &mut s, 0.0);
+                    let o = finish_step(&mut opt, &mut s, 0.0).unwrap();
                     if kind == "finite" {
                         // Unscaled gradients are the exact ones (scale is a power of two).
                         assert!(o.grad_norm.is_finite());
@@ -394,7 +398,7 @@ mod tests {
         assert!((opt.grad_norm() - want).abs() < 1e-9);
         // Clipping with the same norm scales every gradient by clip / norm.
         let mut s = LossScaler::new(false);
-        let o = finish_step(&mut opt, &mut s, 1.0);
+        let o = finish_step(&mut opt, &mut s, 1.0).unwrap();
         assert!(o.stepped && (o.grad_norm - want).abs() < 1e-9);
         let clipped = opt.grad_norm();
         assert!((clipped - 1.0).abs() < 1e-5, "{clipped}");

@@ -191,7 +191,8 @@ pub struct DataConfig {
     pub crop_size: [u32; 2],
     /// Images per iteration (the recipe's per-GPU 2 x 8 GPUs = 16).
     pub batch_size: usize,
-    /// Decoding/augmentation worker threads.
+    /// Decoding/augmentation worker threads (0 = by the rule of `engine::threads`: a quarter
+    /// of the process's cores on CPU, all but one (at most 8) on CUDA).
     pub workers: usize,
     /// Validation images used by periodic evaluation (0 = all).
     pub val_max_images: usize,
@@ -300,7 +301,8 @@ pub struct RuntimeConfig {
     pub device: String,
     /// Where checkpoints, logs and plots go; empty = `work_dirs/<name>`.
     pub work_dir: String,
-    /// libtorch intra-op threads (0 = leave libtorch's default).
+    /// libtorch intra-op threads (0 = by the rule of `engine::threads`: every core of the
+    /// process on CPU, the cores the data workers leave on CUDA).
     pub threads: i32,
     /// Keep only the newest N periodic checkpoints (0 = keep all).
     pub keep_checkpoints: usize,

@@ -11,6 +11,7 @@ pub mod presets;
 pub mod schedule;
 pub mod task;
 pub mod tasks;
+pub mod threads;
 pub mod trainer;
 
 #[cfg(test)]

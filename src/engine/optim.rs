@@ -229,41 +229,50 @@ impl AdamW {
         }
     }
 
-    /// One AdamW step with the groups' current lr. Parameters without a gradient are skipped
-    /// (as PyTorch does), but the shared step count still advances.
-    pub fn step(&mut self) {
+    /// One AdamW step with the groups' current lr, by libtorch's fused AdamW kernel (one pass
+    /// per tensor, as `torch.optim.AdamW(fused=True)`; the same update as PyTorch's per-tensor
+    /// loop to float rounding). Parameters without a gradient are skipped (as PyTorch does), but
+    /// the shared step count still advances.
+    pub fn step(&mut self) -> Result<()> {
         self.step += 1;
-        let (b1, b2) = self.betas;
-        let t = self.step as f64;
-        let bc1 = 1.0 - b1.powf(t);
-        let bc2_sqrt = (1.0 - b2.powf(t)).sqrt();
-        tch::no_grad(|| {
-            for g in &self.groups {
-                let step_size = g.lr / bc1;
-                for name in &g.params {
-                    let p = &self.params[name];
-                    let grad = p.grad();
-                    if !grad.defined() {
-                        continue;
-                    }
-                    let st = self.state.get_mut(name).expect("state for every param");
-                    let mut p = p.shallow_clone();
-                    if g.weight_decay != 0.0 {
-                        let _ = p.g_mul_scalar_(1.0 - g.lr * g.weight_decay);
-                    }
-                    let grad = if grad.kind() != p.kind() {
-                        grad.to_kind(p.kind())
-                    } else {
-                        grad
-                    };
-                    let _ = st.exp_avg.lerp_(&grad, 1.0 - b1);
-                    let _ = st.exp_avg_sq.g_mul_scalar_(b2);
-                    let _ = st.exp_avg_sq.addcmul_(&(&grad * (1.0 - b2)), &grad);
-                    let denom = (st.exp_avg_sq.sqrt() / bc2_sqrt) + self.eps;
-                    let _ = p.addcdiv_(&(&st.exp_avg * (-step_size)), &denom);
+        for g in &self.groups {
+            // The group's tensors by dtype (the kernel takes one dtype per call).
+            let mut by_kind: BTreeMap<String, [Vec<Tensor>; 4]> = BTreeMap::new();
+            for name in &g.params {
+                let p = &self.params[name];
+                let grad = p.grad();
+                if !grad.defined() {
+                    continue;
                 }
+                let st = &self.state[name];
+                let grad = if grad.kind() != p.kind() {
+                    grad.to_kind(p.kind())
+                } else {
+                    grad
+                };
+                let e = by_kind.entry(format!("{:?}", p.kind())).or_default();
+                e[0].push(p.shallow_clone());
+                e[1].push(grad);
+                e[2].push(st.exp_avg.shallow_clone());
+                e[3].push(st.exp_avg_sq.shallow_clone());
             }
-        });
+            for [p, grad, m, v] in by_kind.values() {
+                cnx_dist::ops::fused_adamw(
+                    p,
+                    grad,
+                    m,
+                    v,
+                    cnx_dist::ops::AdamWStep {
+                        step: self.step as u64,
+                        lr: g.lr,
+                        betas: self.betas,
+                        weight_decay: g.weight_decay,
+                        eps: self.eps,
+                    },
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Global L2 norm of all gradients (clipping, logging), which is also the finite check of
@@ -612,7 +621,7 @@ mod tests {
             for g in opt.groups.iter_mut() {
                 g.lr = 1e-3 * (step + 1) as f64;
             }
-            opt.step();
+            opt.step().unwrap();
             let ew = &t[&format!("w{}", step + 1)];
             let eb = &t[&format!("b{}", step + 1)];
             let dw = (&w - ew).abs().max().double_value(&[]);

@@ -143,11 +143,11 @@ pub trait DemoTask: TrainTask {
     fn as_train(&mut self) -> &mut dyn TrainTask;
 }
 
-fn loader_config(cfg: &Config) -> LoaderConfig {
+fn loader_config(cfg: &Config, device: Device) -> LoaderConfig {
     LoaderConfig {
         batch_size: cfg.data.batch_size,
         seed: cfg.runtime.seed,
-        threads: cfg.data.workers,
+        threads: super::threads::ThreadPlan::from_env(cfg, device).workers,
         prefetch: 2,
         // An unreadable training image is replaced by another of its aspect group (each one
         // named once by the trainer) unless `data.strict` asks to stop at the first.
@@ -332,7 +332,7 @@ impl DetTask {
             backbone: backbone_config(cfg)?,
             model,
             device,
-            train: TrainData::new(source, loader_config(cfg), cfg.data.batch_size, |b| {
+            train: TrainData::new(source, loader_config(cfg, device), cfg.data.batch_size, |b| {
                 (b.epoch, b.iter)
             }),
             eval_shard: None,
@@ -563,7 +563,7 @@ impl SegTask {
             backbone: backbone_config(cfg)?,
             model,
             device,
-            train: TrainData::new(source, loader_config(cfg), cfg.data.batch_size, |b| {
+            train: TrainData::new(source, loader_config(cfg, device), cfg.data.batch_size, |b| {
                 (b.epoch, b.iter)
             }),
             eval_shard: None,

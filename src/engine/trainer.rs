@@ -584,7 +584,7 @@ impl<'a> Run<'a> {
             Some((name, v)) => self.skip_step(name, *v)?,
             None => {
                 self.scaler.finite_loss();
-                amp::finish_step(&mut self.opt, &mut self.scaler, cfg.runtime.clip_grad_norm)
+                amp::finish_step(&mut self.opt, &mut self.scaler, cfg.runtime.clip_grad_norm)?
             }
         };
         self.interval.phase[4] += t_opt.elapsed().as_secs_f64();

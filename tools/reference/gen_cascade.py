@@ -24,7 +24,7 @@ DEPTHS, DIMS, C, FC, NCLS = [1, 1, 2, 1], [16, 32, 64, 128], 32, 64, 80
 STDS = [[0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]]
 
 
-def build_model(depths, dims, c, fc):
+def build_model(depths, dims, c, fc, train_cfg=None, drop_path_rate=0.0):
     import convnext_mmdet
     convnext_mmdet.register()
     from mmcv import ConfigDict
@@ -40,7 +40,8 @@ def build_model(depths, dims, c, fc):
                      loss_mask=dict(type="CrossEntropyLoss", use_mask=True, loss_weight=1.0))
     cfg = ConfigDict(
         type="CascadeRCNN",
-        backbone=dict(type="ConvNeXtRef", depths=depths, dims=dims, layer_scale_init_value=1.0),
+        backbone=dict(type="ConvNeXtRef", depths=depths, dims=dims, layer_scale_init_value=1.0,
+                      drop_path_rate=drop_path_rate),
         neck=dict(type="FPN", in_channels=dims, out_channels=c, num_outs=5),
         rpn_head=dict(type="RPNHead", in_channels=c, feat_channels=c,
                       anchor_generator=dict(type="AnchorGenerator", scales=[8], ratios=[0.5, 1.0, 2.0],
@@ -56,7 +57,7 @@ def build_model(depths, dims, c, fc):
                                               roi_layer=dict(type="RoIAlign", output_size=14, sampling_ratio=0),
                                               out_channels=c, featmap_strides=[4, 8, 16, 32]),
                       mask_head=mask_head),
-        train_cfg=None,
+        train_cfg=train_cfg,
         test_cfg=dict(rpn=dict(nms_pre=1000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
                       rcnn=dict(score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100,
                                 mask_thr_binary=0.5)))

@@ -108,7 +108,7 @@ MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 
 
-def build_model():
+def build_model(train_cfg=None, drop_path_rate=0.0):
     import convnext_mmdet
     convnext_mmdet.register()
     from mmcv import ConfigDict
@@ -116,7 +116,8 @@ def build_model():
     roi = dict(type="RoIAlign", output_size=7, sampling_ratio=0)
     cfg = ConfigDict(
         type="MaskRCNN",
-        backbone=dict(type="ConvNeXtRef", depths=DEPTHS, dims=DIMS, layer_scale_init_value=1.0),
+        backbone=dict(type="ConvNeXtRef", depths=DEPTHS, dims=DIMS, layer_scale_init_value=1.0,
+                      drop_path_rate=drop_path_rate),
         neck=dict(type="FPN", in_channels=DIMS, out_channels=C, num_outs=5),
         rpn_head=dict(type="RPNHead", in_channels=C, feat_channels=C,
                       anchor_generator=dict(type="AnchorGenerator", scales=[8], ratios=[0.5, 1.0, 2.0],
@@ -140,7 +141,7 @@ def build_model():
                       mask_head=dict(type="FCNMaskHead", num_convs=4, in_channels=C, conv_out_channels=C,
                                      num_classes=NCLS,
                                      loss_mask=dict(type="CrossEntropyLoss", use_mask=True, loss_weight=1.0))),
-        train_cfg=None,
+        train_cfg=train_cfg,
         test_cfg=dict(rpn=dict(nms_pre=1000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
                       rcnn=dict(score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100,
                                 mask_thr_binary=0.5)))

@@ -71,7 +71,7 @@ class Block(nn.Module):
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.gamma = (nn.Parameter(layer_scale_init_value * torch.ones(dim))
                       if layer_scale_init_value > 0 else None)
-        assert drop_path == 0.0, "the reference runs without stochastic depth"
+        self.drop_path = drop_path
 
     def forward(self, x):
         inp = x
@@ -79,7 +79,12 @@ class Block(nn.Module):
         x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
         if self.gamma is not None:
             x = self.gamma * x
-        return inp + x.permute(0, 3, 1, 2)
+        x = x.permute(0, 3, 1, 2)
+        if self.training and self.drop_path > 0:
+            # Stochastic depth per sample (timm's DropPath, as the official code).
+            keep = 1.0 - self.drop_path
+            x = x * x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep).div_(keep)
+        return inp + x
 
 
 @BACKBONES.register_module()
@@ -96,9 +101,11 @@ class ConvNeXtRef(nn.Module):
                 LayerNorm(dims[i], eps=1e-6, data_format="channels_first"),
                 nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
         self.stages = nn.ModuleList()
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         for i in range(4):
-            self.stages.append(nn.Sequential(*[Block(dims[i], drop_path_rate, layer_scale_init_value)
-                                               for _ in range(depths[i])]))
+            first = sum(depths[:i])
+            self.stages.append(nn.Sequential(*[Block(dims[i], rates[first + j], layer_scale_init_value)
+                                               for j in range(depths[i])]))
         self.out_indices = out_indices
         for i in out_indices:
             self.add_module(f"norm{i}", LayerNorm(dims[i], eps=1e-6, data_format="channels_first"))
@@ -116,12 +123,13 @@ class ConvNeXtRef(nn.Module):
 
 
 # ---------------------------------------------------------------- configs
-def model_cfg(depths, dims, channels, aux_channels, num_classes, test_cfg, dropout=0.1, layer_scale=1.0):
+def model_cfg(depths, dims, channels, aux_channels, num_classes, test_cfg, dropout=0.1, layer_scale=1.0,
+              drop_path_rate=0.0):
     norm_cfg = dict(type="BN", requires_grad=True)
     return mmcv.ConfigDict(dict(
         type="EncoderDecoder",
         pretrained=None,
-        backbone=dict(type="ConvNeXtRef", in_chans=3, depths=depths, dims=dims, drop_path_rate=0.0,
+        backbone=dict(type="ConvNeXtRef", in_chans=3, depths=depths, dims=dims, drop_path_rate=drop_path_rate,
                       layer_scale_init_value=layer_scale, out_indices=[0, 1, 2, 3]),
         decode_head=dict(type="UPerHead", in_channels=list(dims), in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
                          channels=channels, dropout_ratio=dropout, num_classes=num_classes, norm_cfg=norm_cfg,

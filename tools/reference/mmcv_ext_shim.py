@@ -1,7 +1,7 @@
 """Stand-in for mmcv's compiled `mmcv._ext` (absent in the pure-Python mmcv build).
 
 Install with `install()` before importing mmdet/mmseg. Only the ops the Mask R-CNN / UperNet
-reference networks run at inference are real (RoIAlign forward, NMS), computed by
+reference networks run are real (RoIAlign forward and backward, NMS), computed by
 torchvision.ops; every other symbol exists (mmcv asserts their presence at import time) but raises
 when called.
 """
@@ -18,6 +18,15 @@ def _roi_align_forward(input, rois, output, argmax_y, argmax_x, aligned_height=7
     out = torchvision.ops.roi_align(input, rois, (aligned_height, aligned_width), spatial_scale,
                                     sampling_ratio, aligned)
     output.copy_(out)
+
+
+def _roi_align_backward(grad_output, rois, argmax_y, argmax_x, grad_input, aligned_height=7, aligned_width=7,
+                        spatial_scale=1.0, sampling_ratio=0, pool_mode=1, aligned=True):
+    assert pool_mode == 1, "only avg pooling RoIAlign is provided"
+    n, c, h, w = grad_input.shape
+    g = torch.ops.torchvision._roi_align_backward(grad_output.contiguous(), rois, spatial_scale, aligned_height,
+                                                   aligned_width, n, c, h, w, sampling_ratio, aligned)
+    grad_input.copy_(g)
 
 
 def _nms(bboxes, scores, iou_threshold=0.5, offset=0):
@@ -39,6 +48,7 @@ class _Ext(types.ModuleType):
 def install():
     mod = _Ext("mmcv._ext")
     mod.roi_align_forward = _roi_align_forward
+    mod.roi_align_backward = _roi_align_backward
     mod.nms = _nms
     sys.modules["mmcv._ext"] = mod
     return mod
