@@ -30,6 +30,7 @@ fn main() {
         "csrc/backends.h",
         "csrc/nccl.cpp",
         "csrc/sync_bn.cpp",
+        "csrc/cuda.cpp",
     ] {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -59,7 +60,12 @@ fn main() {
     build
         .cpp(true)
         .std("c++17")
-        .files(["csrc/shim.cpp", "csrc/nccl.cpp", "csrc/sync_bn.cpp"])
+        .files([
+            "csrc/shim.cpp",
+            "csrc/nccl.cpp",
+            "csrc/sync_bn.cpp",
+            "csrc/cuda.cpp",
+        ])
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .define("USE_C10D_GLOO", None)

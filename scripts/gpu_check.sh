@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/cnx}
 DRY=${GPU_CHECK_DRY:-0}
 [[ $DRY == 0 ]] && DRY=""
-SECTIONS=(doctor classify backbone train dist seg_infer det_eval det_predict det_bench)
+SECTIONS=(doctor classify backbone train dist seg_infer det_eval det_predict det_bench mm)
 
 usage() { echo "usage: [GPU_CHECK_DRY=1] $0 [${SECTIONS[*]}]"; }
 SEL=()
@@ -502,6 +502,76 @@ print("|---|---|---|---|---|")
 for r in rows:
     print(f"| {'bf16 autocast' if r['bf16'] else 'fp32'} | {r['median_ms']:.1f} | {r['images_per_s']:.2f} | {r['detections']} | {r['device']} |")
 PYEOF
+fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# cnx beside mmdetection 2.28 / mmsegmentation 0.30 on this device (bench/mm_compare.py): the
+# same networks, shapes and random-weight synthetic inputs, alternating round by round.
+# Inference of Mask R-CNN T and Cascade T at 1280x800 (the paper's FPS setting: 25.6 and 13.5 on
+# an A100), fp16 AMP training of Mask R-CNN T and UperNet T (batch 2 per GPU as the recipes),
+# peak memory of both sides. The GPU machine has no network: when mmdet/mmseg are not
+# importable, the wheelhouse made by scripts/gpu_wheelhouse.sh (carried as
+# target/gpu-wheelhouse, or $WHEELHOUSE) is installed offline into the work dir first.
+if want mm; then
+section "cnx vs mmdet/mmseg on $DEV: inference 1280x800 (Mask R-CNN T, Cascade T), fp16 AMP training (Mask R-CNN T, UperNet T)"
+WHEELHOUSE=${WHEELHOUSE:-target/gpu-wheelhouse}
+mm_ok=0
+if "$PY" -c "import mmdet, mmseg, mmcv, torchvision" >/dev/null 2>&1; then
+  mm_ok=1
+elif compgen -G "$WHEELHOUSE/*.whl" > /dev/null; then
+  if timeout 120 "$PY" -m pip install --no-index --no-deps --target "$WORK/mmpkgs" "$WHEELHOUSE"/*.whl > "$WORK/mm_install.out" 2>&1; then
+    export PYTHONPATH="$WORK/mmpkgs${PYTHONPATH:+:$PYTHONPATH}"
+    if "$PY" -c "import mmdet, mmseg, mmcv, torchvision" > "$WORK/mm_import.out" 2>&1; then
+      mm_ok=1
+      pass "mmdet/mmseg installed offline from $WHEELHOUSE"
+    else
+      fail "mmdet/mmseg from $WHEELHOUSE do not import: $(tail -1 "$WORK/mm_import.out")"
+    fi
+  else
+    fail "offline install from $WHEELHOUSE: $(tail -2 "$WORK/mm_install.out" | tr '\n' ' ')"
+  fi
+else
+  skip "mmdet/mmseg not importable by $PY and no wheelhouse at $WHEELHOUSE (bash scripts/gpu_wheelhouse.sh makes it)"
+fi
+if [[ $mm_ok == 1 ]]; then
+  if [[ -n $DRY ]]; then
+    export CNX_IMPORT_STUBS=1  # OpenCV / matplotlib stubs first: they must never be called
+    MM_INF=(--input 64x96 --rounds 1 --steps 1 --warmup 1); MM_TR=(--input 64x96 --rounds 1 --steps 1 --warmup 1)
+    MM_SEG=(--input 64x64 --rounds 1 --steps 1 --warmup 1); MM_AMP=fp32
+  else
+    MM_INF=(--input 800x1280 --rounds 2 --steps 20 --warmup 5); MM_TR=(--rounds 2 --steps 10 --warmup 3)
+    MM_SEG=(--rounds 2 --steps 10 --warmup 3); MM_AMP=fp16
+  fi
+  : > "$WORK/mm.jsonl"
+  mm() {  # what args...
+    local what=$1; shift
+    if timeout 240 "$PY" bench/mm_compare.py --cnx "$BIN" --device "$DEV" --json "$WORK/mm.jsonl" "$@" \
+      > "$WORK/mm_$what.out" 2>&1; then
+      sed -n '/^==/,$p' "$WORK/mm_$what.out" | grep -v -i warn || true
+    else
+      fail "mm_compare $what: $(grep -v -i warn "$WORK/mm_$what.out" | tail -2 | tr '\n' ' ')"
+    fi
+  }
+  mm infer --batch 1 "${MM_INF[@]}" mask_rcnn cascade
+  mm train_det --train --batch 2 --amp "$MM_AMP" "${MM_TR[@]}" mask_rcnn
+  mm train_seg --train --batch 2 --amp "$MM_AMP" "${MM_SEG[@]}" upernet
+  if has_file "$WORK/mm.jsonl" "mm_compare results"; then
+    py "$WORK/mm.jsonl" <<'PYEOF' && pass "cnx vs mmdet/mmseg table" || fail "cnx vs mmdet/mmseg table"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+assert len(rows) == 4, f"{len(rows)} of 4 comparisons"
+paper = {"mask_rcnn": 25.6, "cascade": 13.5}
+print("| model | what | cnx images/s | reference images/s | ratio cnx/ref time | cnx peak MB (alloc, reserved) | ref peak MB | paper FPS (A100) |")
+print("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    what = ("train " if r["train"] else "inference ") + r["amp"]
+    pk = lambda p: "-" if not p or p[0] is None else f"{p[0]:.0f}, {p[1]:.0f}" if p[1] is not None else f"{p[0]:.0f}"
+    fps = paper.get(r["arch"], "-") if not r["train"] else "-"
+    print(f"| {r['preset']} | {what} | {r['cnx_images_per_s']:.2f} | {r['ref_images_per_s']:.2f} | {r['ratio']:.3f} "
+          f"| {pk(r['cnx_peak_mb'])} | {pk(r['ref_peak_mb'])} | {fps} |")
+PYEOF
+  fi
 fi
 fi
 

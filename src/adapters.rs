@@ -10,7 +10,7 @@ use cnx_heads::segmentor::{Segmentor, TestMode};
 use cnx_heads::structures::{Detections, GtInstances, ImgMeta, InstanceMasks, Losses};
 use cnx_heads::two_stage::TwoStageDetector;
 use std::sync::Arc;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The heads' per-image meta of a pipeline's `ImageMeta`.
 pub fn img_meta(m: &ImageMeta) -> ImgMeta {
@@ -47,10 +47,56 @@ pub fn gt_instances(t: &DetTargets, device: Device) -> GtInstances {
     }
 }
 
+/// Host data to `device`: on CUDA from pinned memory by a non-blocking copy (the host goes on
+/// preparing work while the bytes travel; libtorch's pinned allocator keeps the buffer alive
+/// until the copy has run).
+pub fn upload(t: Tensor, device: Device) -> Tensor {
+    if device.is_cuda() {
+        t.pin_memory(device)
+            .to_device_(device, t.kind(), true, false)
+    } else {
+        t.to_device(device)
+    }
+}
+
+/// A batch of zero-padded RGB bytes `(N,3,H,W)` ([`cnx_datasets::pipeline::chw_into`]) as
+/// normalised float images on `device`: the bytes travel ([`upload`], a quarter of the floats'
+/// traffic) and are normalised there with the host pipeline's arithmetic (`(x - mean) *
+/// (1/std)` in f32, as [`cnx_datasets::pipeline::normalize_into`] and mmcv's `imnormalize`), each
+/// image's padding beyond its `sizes` entry set back to zero (padding follows normalisation).
+pub fn images_to_device(
+    bytes: &[u8],
+    shape: [usize; 4],
+    sizes: &[(usize, usize)],
+    device: Device,
+) -> Tensor {
+    use cnx_datasets::pipeline::{MEAN, STD};
+    let s = shape.map(|v| v as i64);
+    let x = upload(Tensor::from_slice(bytes).view(s), device).to_kind(Kind::Float);
+    for c in 0..3 {
+        let inv = (1.0 / STD[c] as f64) as f32;
+        let _ = x
+            .select(1, c as i64)
+            .g_sub_scalar_(MEAN[c] as f64)
+            .g_mul_scalar_(inv as f64);
+    }
+    let (h_pad, w_pad) = (s[2], s[3]);
+    for (i, &(h, w)) in sizes.iter().enumerate() {
+        let (h, w) = (h as i64, w as i64);
+        let img = x.get(i as i64);
+        if h < h_pad {
+            let _ = img.narrow(1, h, h_pad - h).fill_(0.0);
+        }
+        if w < w_pad {
+            let _ = img.narrow(1, 0, h).narrow(2, w, w_pad - w).fill_(0.0);
+        }
+    }
+    x
+}
+
 /// Image tensor (N,3,H,W) on `device` and the heads' metas of a detection batch.
 pub fn batch_inputs(batch: &DetBatch, device: Device) -> (Tensor, Vec<ImgMeta>) {
-    let s = batch.shape.map(|v| v as i64);
-    let images = Tensor::from_slice(&batch.images).view(s).to_device(device);
+    let images = images_to_device(&batch.images, batch.shape, &batch.sizes, device);
     (images, batch.metas.iter().map(img_meta).collect())
 }
 
@@ -102,4 +148,50 @@ pub fn predict_image(
         image_tensor(&image_io::resize_bilinear(img, nw, nh))
     };
     seg.predict_resized([img.h as i64, img.w as i64], &resize, mode, aug, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnx_datasets::pipeline::{chw_into, normalize_into};
+
+    /// Bytes normalised on the device equal the host pipeline's floats bit for bit, padding
+    /// (below and right of each image, of different sizes in one batch) included.
+    #[test]
+    fn device_normalisation_equals_the_host_pipeline() {
+        let (ph, pw) = (40, 56);
+        let imgs: Vec<Image8> = [(37, 50), (40, 33)]
+            .iter()
+            .enumerate()
+            .map(|(k, &(h, w))| {
+                let mut im = Image8::new(w, h, 3);
+                for (i, v) in im.data.iter_mut().enumerate() {
+                    *v = ((i * 7919 + k * 31) % 256) as u8;
+                }
+                im
+            })
+            .collect();
+        let plane = 3 * ph * pw;
+        let mut bytes = vec![0u8; 2 * plane];
+        let mut floats = vec![0f32; 2 * plane];
+        for (k, im) in imgs.iter().enumerate() {
+            chw_into(im, &mut bytes[k * plane..(k + 1) * plane], pw, ph);
+            normalize_into(im, &mut floats[k * plane..(k + 1) * plane], pw, ph);
+        }
+        let sizes: Vec<(usize, usize)> = imgs.iter().map(|i| (i.h, i.w)).collect();
+        let got = images_to_device(&bytes, [2, 3, ph, pw], &sizes, Device::Cpu);
+        let got = Vec::<f32>::try_from(got.view([-1])).unwrap();
+        assert_eq!(got.len(), floats.len());
+        let differing = got
+            .iter()
+            .zip(&floats)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differing, 0,
+            "{differing} values differ from the host pipeline"
+        );
+        // The padding really is there and zero (a bug leaving it at -mean/std would differ).
+        assert_eq!(floats[plane - 1], 0.0);
+    }
 }

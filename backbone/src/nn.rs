@@ -242,7 +242,8 @@ pub fn drop_path(xs: &Tensor, p: f64, train: bool) -> Tensor {
     let opts = (xs.kind(), xs.device());
     let mask = crate::replica::keyed_keep_mask(&shape, keep, opts)
         .unwrap_or_else(|| Tensor::empty(shape.as_slice(), opts).bernoulli_float_(keep));
-    xs * mask / keep
+    // Scale the (N,1,..) mask, not the activation: one full-size multiply (timm's DropPath).
+    xs * (mask / keep)
 }
 
 /// Truncated normal init in place (mean 0, std `std`, cut at ±2 absolute, as timm's

@@ -421,9 +421,12 @@ impl SegTrainPipeline {
 /// A segmentation batch.
 #[derive(Clone, Debug)]
 pub struct SegBatch {
-    /// `(N, 3, H, W)` normalized, zero padded.
-    pub images: Vec<f32>,
+    /// `(N, 3, H, W)` RGB bytes, zero padded: normalised on the device
+    /// ([`crate::pipeline::chw_into`]).
+    pub images: Vec<u8>,
     pub shape: [usize; 4],
+    /// `(h, w)` of each image before padding.
+    pub sizes: Vec<(usize, usize)>,
     /// `(N, H, W)` labels 0..K-1, 255 = ignore (also in the padding).
     pub labels: Vec<u8>,
     pub metas: Vec<ImageMeta>,
@@ -442,11 +445,12 @@ pub fn collate_seg(
     let ph = samples.iter().map(|s| s.img.h).max().unwrap_or(1).max(ph);
     let pw = samples.iter().map(|s| s.img.w).max().unwrap_or(1).max(pw);
     let n = samples.len();
-    let mut images = vec![0f32; n * 3 * ph * pw];
+    let mut images = vec![0u8; n * 3 * ph * pw];
     images
         .par_chunks_mut(3 * ph * pw)
         .zip(samples.par_iter())
-        .for_each(|(dst, s)| pipeline::normalize_into(&s.img, dst, pw, ph));
+        .for_each(|(dst, s)| pipeline::chw_into(&s.img, dst, pw, ph));
+    let sizes = samples.iter().map(|s| (s.img.h, s.img.w)).collect();
     let mut labels = vec![IGNORE; n * ph * pw];
     for (k, s) in samples.iter().enumerate() {
         for y in 0..s.label.h {
@@ -458,6 +462,7 @@ pub fn collate_seg(
     SegBatch {
         images,
         shape: [n, 3, ph, pw],
+        sizes,
         labels,
         metas: samples.into_iter().map(|s| s.meta).collect(),
         epoch,

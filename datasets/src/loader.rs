@@ -459,12 +459,15 @@ impl DetTargets {
     }
 }
 
-/// A detection batch: normalized images padded to the largest one (multiple of 32).
+/// A detection batch: images padded to the largest one (multiple of 32).
 #[derive(Clone, Debug)]
 pub struct DetBatch {
-    /// `(N, 3, H, W)` row-major.
-    pub images: Vec<f32>,
+    /// `(N, 3, H, W)` row-major RGB bytes, zero padded: normalised on the device
+    /// ([`crate::pipeline::chw_into`]).
+    pub images: Vec<u8>,
     pub shape: [usize; 4],
+    /// `(h, w)` of each image before padding (where its normalised pixels end).
+    pub sizes: Vec<(usize, usize)>,
     pub targets: Vec<DetTargets>,
     pub metas: Vec<ImageMeta>,
     pub epoch: usize,
@@ -472,7 +475,7 @@ pub struct DetBatch {
     pub iter: usize,
 }
 
-/// Collate samples: normalize each image into a zero-padded `(N, 3, H, W)` buffer.
+/// Collate samples: each image into a zero-padded `(N, 3, H, W)` byte buffer.
 pub fn collate_det(
     samples: Vec<DetSample>,
     size_divisor: usize,
@@ -488,11 +491,12 @@ pub fn collate_det(
         size_divisor,
     );
     let n = samples.len();
-    let mut images = vec![0f32; n * 3 * ph * pw];
+    let mut images = vec![0u8; n * 3 * ph * pw];
     images
         .par_chunks_mut(3 * ph * pw)
         .zip(samples.par_iter())
-        .for_each(|(dst, s)| pipeline::normalize_into(&s.img, dst, pw, ph));
+        .for_each(|(dst, s)| pipeline::chw_into(&s.img, dst, pw, ph));
+    let sizes = samples.iter().map(|s| (s.img.h, s.img.w)).collect();
     let mut targets = Vec::with_capacity(n);
     let mut metas = Vec::with_capacity(n);
     for s in samples {
@@ -507,6 +511,7 @@ pub fn collate_det(
     DetBatch {
         images,
         shape: [n, 3, ph, pw],
+        sizes,
         targets,
         metas,
         epoch,

@@ -332,6 +332,28 @@ impl TestPipeline {
     }
 }
 
+/// An 8-bit RGB image as CHW planes of `pw x ph`, zero padded bottom/right: how batches travel
+/// to the device (a quarter of the bytes of floats), where the application normalises them with
+/// [`normalize_into`]'s arithmetic and zeroes the padding.
+pub fn chw_into(img: &Image8, dst: &mut [u8], pw: usize, ph: usize) {
+    assert!(img.c == 3 && dst.len() == 3 * pw * ph && img.w <= pw && img.h <= ph);
+    let plane = pw * ph;
+    for (c, chan) in dst.chunks_exact_mut(plane).enumerate() {
+        for y in 0..ph {
+            let row = &mut chan[y * pw..(y + 1) * pw];
+            if y < img.h {
+                let src = &img.data[y * img.w * 3..(y + 1) * img.w * 3];
+                for x in 0..img.w {
+                    row[x] = src[x * 3 + c];
+                }
+                row[img.w..].fill(0);
+            } else {
+                row.fill(0);
+            }
+        }
+    }
+}
+
 /// Normalize (RGB, mean/std) an 8-bit RGB image into a CHW float buffer of `pw x ph` (zero
 /// padding bottom/right), as mmcv imnormalize then Pad.
 pub fn normalize_into(img: &Image8, dst: &mut [f32], pw: usize, ph: usize) {

@@ -193,11 +193,12 @@ fn loader_deterministic_resumable_and_grouped() {
             let tg = t.masks.crop_and_resize(&boxes, &inds, 28);
             assert_eq!(tg.len(), boxes.len() * 784);
         }
-        // Padding is zero in normalized space.
+        // Each image's own size, zero padding beyond it.
         let [_, _, h, w] = bt.shape;
         let m0 = &bt.metas[0];
+        assert_eq!(bt.sizes[0], m0.img_shape);
         if m0.img_shape.1 < w {
-            assert_eq!(bt.images[h * w - 1], 0.0);
+            assert_eq!(bt.images[h * w - 1], 0);
         }
     }
     assert_ne!(a[0].epoch, a[44].epoch);

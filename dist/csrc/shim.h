@@ -46,6 +46,11 @@ char* cnx_sync_batch_norm(cnx_pg* pg, void* input, void* weight, void* bias, voi
 // param.grad = grad (tch exposes no setter for .grad; needed to give an undefined grad a value).
 char* cnx_set_grad(void* param, void* grad);
 
+// The CUDA caching allocator's bytes on `device`: out[0..4] = allocated current, allocated peak,
+// reserved current, reserved peak; then the peaks are reset when reset_peak (torch.cuda.
+// reset_peak_memory_stats). An error when the build had no CUDA headers.
+char* cnx_cuda_memory_stats(int device, int reset_peak, int64_t* out);
+
 // One AdamW step over n tensors in place with libtorch's fused kernel (torch.optim.AdamW(fused=
 // True): one vectorised pass per tensor instead of ~10 kernels). All on one device and dtype;
 // `step` is the step count after this step (bias corrections).

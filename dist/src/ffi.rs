@@ -65,6 +65,7 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> *mut c_char;
     pub fn cnx_set_grad(param: *mut c_void, grad: *mut c_void) -> *mut c_char;
+    pub fn cnx_cuda_memory_stats(device: c_int, reset_peak: c_int, out: *mut i64) -> *mut c_char;
     #[allow(clippy::too_many_arguments)]
     pub fn cnx_fused_adamw(
         params: *const *mut c_void,

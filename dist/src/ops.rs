@@ -1,5 +1,5 @@
 //! libtorch operators the training engine needs and tch 0.24 does not bind, reached through the
-//! same C++ shim as c10d: the fused AdamW step.
+//! same C++ shim as c10d: the fused AdamW step and the CUDA allocator's memory statistics.
 
 use crate::error::Result;
 use crate::ffi;
@@ -34,12 +34,7 @@ pub fn fused_adamw(
         "fused_adamw: parameters, gradients and moments must pair up"
     );
     let ptrs = |ts: &[Tensor]| -> Vec<*mut c_void> { ts.iter().map(ffi::tensor_ptr).collect() };
-    let (p, g, m, v) = (
-        ptrs(params),
-        ptrs(grads),
-        ptrs(exp_avgs),
-        ptrs(exp_avg_sqs),
-    );
+    let (p, g, m, v) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs));
     // SAFETY: the pointers are `at::Tensor*` of tensors borrowed for the call; the shim copies
     // the handles before returning.
     unsafe {
@@ -57,4 +52,35 @@ pub fn fused_adamw(
             h.eps,
         ))
     }
+}
+
+/// The CUDA caching allocator's statistics of one device, in bytes (what
+/// `torch.cuda.memory_allocated` / `max_memory_allocated` / `memory_reserved` /
+/// `max_memory_reserved` report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaMemory {
+    pub allocated: i64,
+    pub max_allocated: i64,
+    pub reserved: i64,
+    pub max_reserved: i64,
+}
+
+/// Read device `device`'s allocator statistics; `reset_peak` then starts the peaks afresh
+/// (`torch.cuda.reset_peak_memory_stats`). An error when this build has no CUDA headers.
+pub fn cuda_memory(device: usize, reset_peak: bool) -> Result<CudaMemory> {
+    let mut out = [0i64; 4];
+    // SAFETY: `out` has the four slots the shim writes.
+    unsafe {
+        ffi::check(ffi::cnx_cuda_memory_stats(
+            device as i32,
+            reset_peak as i32,
+            out.as_mut_ptr(),
+        ))?;
+    }
+    Ok(CudaMemory {
+        allocated: out[0],
+        max_allocated: out[1],
+        reserved: out[2],
+        max_reserved: out[3],
+    })
 }

@@ -59,7 +59,7 @@ impl ClsSeg {
             let keep = 1.0 - self.dropout;
             match replica::keyed_keep_mask(&[s[0], s[1], 1, 1], keep, (feat.kind(), feat.device()))
             {
-                Some(mask) => feat * mask / keep,
+                Some(mask) => feat * (mask / keep),
                 None => feat.feature_dropout(self.dropout, true),
             }
         } else {

@@ -389,6 +389,13 @@ pub fn run(args: Args) -> Result<()> {
         progress(i, &t);
     }
     let base_rss_mb = rss_mb("VmRSS:");
+    // CUDA: the timed iterations' own peak (the warm-up's cuDNN workspaces tried and dropped
+    // excluded), as `torch.cuda.reset_peak_memory_stats()` before a timed loop.
+    let cuda_index = match device {
+        Device::Cuda(i) => Some(i),
+        _ => None,
+    };
+    let cuda_reset = cuda_index.map(|i| cnx_dist::ops::cuda_memory(i, true));
     // Host reads and host-to-device copies inside the heads (each one stalls a GPU stream),
     // per measured iteration (cnx_heads::sync_count).
     let syncs0 = cnx_heads::sync_count::snapshot();
@@ -414,11 +421,24 @@ pub fn run(args: Args) -> Result<()> {
     };
     // The CUDA caching allocator's statistics (max allocated / reserved) are not reachable
     // through tch; on CUDA the peak is reported as unknown rather than as the host's RSS.
-    let peak_mem_mb = if device.is_cuda() { None } else { peak_rss_mb };
-    let peak_mem_source = if device.is_cuda() {
-        "unavailable: CUDA allocator statistics are not exposed by tch"
-    } else {
-        "VmHWM: peak resident set size of the process"
+    let mib = |b: i64| b as f64 / (1024.0 * 1024.0);
+    let cuda_mem = match (cuda_index, cuda_reset) {
+        (Some(i), Some(Ok(_))) => Some(cnx_dist::ops::cuda_memory(i, false)),
+        (_, Some(Err(e))) => Some(Err(e)),
+        _ => None,
+    };
+    let (peak_mem_mb, peak_reserved_mb, peak_mem_source) = match &cuda_mem {
+        None => (
+            peak_rss_mb,
+            None,
+            "VmHWM: peak resident set size of the process".to_string(),
+        ),
+        Some(Ok(m)) => (
+            Some(mib(m.max_allocated)),
+            Some(mib(m.max_reserved)),
+            "CUDA caching allocator: max allocated (max reserved in peak_reserved_mb) over the timed iterations".to_string(),
+        ),
+        Some(Err(e)) => (None, None, format!("unavailable: {e}")),
     };
     let amp_name = match args.amp {
         AmpArg::Fp32 => "fp32",
@@ -439,6 +459,7 @@ pub fn run(args: Args) -> Result<()> {
             "median_ms": median_ms,
             "peak_mem_mb": peak_mem_mb,
             "peak_mem_source": peak_mem_source,
+            "peak_reserved_mb": peak_reserved_mb,
             "peak_rss_mb": peak_rss_mb,
             "base_rss_mb": base_rss_mb,
             "amp": amp_name,
@@ -519,7 +540,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     if device.is_cuda() {
         println!(
-            "  peak memory: CUDA n/a (allocator statistics not exposed by tch); host RSS peak {}",
+            "  peak memory: CUDA {} allocated, {} reserved ({}); host RSS peak {}",
+            mb(peak_mem_mb),
+            mb(peak_reserved_mb),
+            if peak_reserved_mb.is_some() {
+                "timed iterations"
+            } else {
+                &peak_mem_source
+            },
             mb(peak_rss_mb)
         );
     } else {

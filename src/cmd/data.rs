@@ -369,8 +369,8 @@ fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
         let i = idx[k % idx.len()];
         let s = p.run(&ds, i, &mut keyed_rng(a.seed, 0, k as u64, 0))?;
         let (ph, pw) = (pad_up(s.img.h, 32), pad_up(s.img.w, 32));
-        let mut buf = vec![0f32; 3 * ph * pw];
-        pipeline::normalize_into(&s.img, &mut buf, pw, ph);
+        let mut buf = vec![0u8; 3 * ph * pw];
+        pipeline::chw_into(&s.img, &mut buf, pw, ph);
         Ok(buf.len())
     };
     // Warm the page cache and the pool (not timed), then time one pass.

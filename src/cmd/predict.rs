@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use cnx_datasets::classes::{COCO_CAT_IDS, COCO_CLASSES};
 
 use cnx_datasets::image_io;
-use cnx_datasets::pipeline::{normalize_into, pad_up, TestPipeline};
+use cnx_datasets::pipeline::{chw_into, pad_up, TestPipeline};
 use cnx_heads::{Detector, ImgMeta};
 use std::path::PathBuf;
 use tch::nn::VarStore;
@@ -166,13 +166,12 @@ pub fn prepare_batch(
         .map(|(r, _)| pad_up(r.w, pipe.size_divisor).max(32))
         .max();
     let (ph, pw) = (ph.unwrap_or(32), pw.unwrap_or(32));
-    let mut buf = vec![0f32; imgs.len() * 3 * ph * pw];
+    let mut buf = vec![0u8; imgs.len() * 3 * ph * pw];
     buf.par_chunks_mut(3 * ph * pw)
         .zip(resized.par_iter())
-        .for_each(|(dst, (r, _))| normalize_into(r, dst, pw, ph));
-    let t = Tensor::from_slice(&buf)
-        .view([imgs.len() as i64, 3, ph as i64, pw as i64])
-        .to_device(device);
+        .for_each(|(dst, (r, _))| chw_into(r, dst, pw, ph));
+    let sizes: Vec<(usize, usize)> = resized.iter().map(|(r, _)| (r.h, r.w)).collect();
+    let t = crate::adapters::images_to_device(&buf, [imgs.len(), 3, ph, pw], &sizes, device);
     let metas = imgs
         .iter()
         .zip(&resized)

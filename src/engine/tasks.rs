@@ -16,7 +16,7 @@ use cnx_heads::TwoStageDetector;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// The backbone a config builds (for checkpoint key mapping).
 pub fn backbone_config(cfg: &Config) -> Result<BackboneConfig> {
@@ -332,9 +332,12 @@ impl DetTask {
             backbone: backbone_config(cfg)?,
             model,
             device,
-            train: TrainData::new(source, loader_config(cfg, device), cfg.data.batch_size, |b| {
-                (b.epoch, b.iter)
-            }),
+            train: TrainData::new(
+                source,
+                loader_config(cfg, device),
+                cfg.data.batch_size,
+                |b| (b.epoch, b.iter),
+            ),
             eval_shard: None,
             val,
             val_ann,
@@ -563,9 +566,12 @@ impl SegTask {
             backbone: backbone_config(cfg)?,
             model,
             device,
-            train: TrainData::new(source, loader_config(cfg, device), cfg.data.batch_size, |b| {
-                (b.epoch, b.iter)
-            }),
+            train: TrainData::new(
+                source,
+                loader_config(cfg, device),
+                cfg.data.batch_size,
+                |b| (b.epoch, b.iter),
+            ),
             eval_shard: None,
             val,
             test_scale: (long as usize, short as usize),
@@ -621,13 +627,17 @@ impl TrainTask for SegTask {
     fn forward_train(&mut self) -> Result<Vec<(String, Tensor)>> {
         let batch: SegBatch = self.train.next()?;
         let s = batch.shape.map(|v| v as i64);
-        let x = Tensor::from_slice(&batch.images)
-            .view(s)
-            .to_device(self.device);
-        let y = Tensor::from_slice(&batch.labels)
-            .view([s[0], s[2], s[3]])
-            .to_kind(Kind::Int64)
-            .to_device(self.device);
+        let x = crate::adapters::images_to_device(
+            &batch.images,
+            batch.shape,
+            &batch.sizes,
+            self.device,
+        );
+        // Labels travel as bytes; the segmentor widens them on the device.
+        let y = crate::adapters::upload(
+            Tensor::from_slice(&batch.labels).view([s[0], s[2], s[3]]),
+            self.device,
+        );
         let l = self.model.forward_train(&x, &y);
         // mmseg names "decode.loss_seg" / "aux.loss_seg": logged as loss_decode / loss_aux.
         Ok(l.items

@@ -125,6 +125,9 @@ mod tests {
         assert_eq!((p.intra_op, p.workers), (3, 5));
         let n = std::thread::available_parallelism().unwrap().get();
         let p = ThreadPlan::new(&cfg(0, 0), Device::Cpu, n * 2);
-        assert_eq!(p.cores, 1, "more ranks than cores still leaves each one core");
+        assert_eq!(
+            p.cores, 1,
+            "more ranks than cores still leaves each one core"
+        );
     }
 }
