@@ -1,8 +1,10 @@
 """cnx against the PyTorch reference a user would otherwise run (mmdetection 2.28 MaskRCNN /
 CascadeRCNN, mmsegmentation 0.30 EncoderDecoder with UPerHead + FCNHead) on the ConvNeXt-T presets:
 a training step (forward + backward + AdamW) or end-to-end inference, CPU or CUDA, fp32 or fp16
-autocast. cnx runs as `cnx benchmark PRESET [--train] --json` (a child process per round); the
-reference runs in this process on the same architecture (the presets' stochastic depth 0.4
+autocast. cnx runs as `cnx benchmark PRESET [--train] --json`, the reference as this script in
+`--worker` mode, each in a child process per round (neither runs beside the other's memory: on
+this VM an idle process holding 4.4 GB slowed the other's training step by 15 %), on the same
+architecture (the presets' stochastic depth 0.4
 included), batch, input shapes, synthetic inputs and random weights, with the same threads. The
 two alternate round by round so a change in machine load hits both alike; each side's warm-up is
 untimed. Prints per-phase milliseconds, images/s, peak memory and the ratios cnx / reference;
@@ -190,6 +192,28 @@ class Reference:
         return (torch.cuda.max_memory_allocated(self.dev) / 2**20, torch.cuda.max_memory_reserved(self.dev) / 2**20)
 
 
+def run_reference(a, arch):
+    """One round of the reference in a child process: warm-up, `--steps` timed iterations."""
+    args = [sys.executable, os.path.abspath(__file__), "--worker", arch, "--threads", str(a.threads),
+            "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch),
+            "--device", a.device, "--amp", a.amp]
+    if a.train:
+        args.append("--train")
+    if a.input:
+        args += ["--input", f"{a.input[0]}x{a.input[1]}"]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def worker(a):
+    """`--worker ARCH`: time the reference and print one JSON object (phase means, peak memory)."""
+    ref = Reference(a, a.worker)
+    f = [ref.step() for _ in range(a.steps)]
+    r = {k: statistics.mean(x[k] for x in f) for k in f[0]}
+    r["peak"] = ref.peak_mb()
+    print(json.dumps(r))
+
+
 def run_cnx(a, arch):
     args = [a.cnx, "benchmark", PRESETS[arch], "--batch", str(a.batch), "--iters", str(a.steps),
             "--warmup", str(a.warmup), "--threads", str(a.threads), "--device", a.device, "--json"]
@@ -210,8 +234,7 @@ def run_cnx(a, arch):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("archs", nargs="*", default=["mask_rcnn", "cascade", "upernet"],
-                   choices=["mask_rcnn", "cascade", "upernet"])
+    p.add_argument("archs", nargs="*", metavar="ARCH", help="mask_rcnn, cascade, upernet (default: all)")
     p.add_argument("--cnx", default=os.path.join(HERE, "..", "target", "release", "cnx"))
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=2)
@@ -224,18 +247,23 @@ def main():
     p.add_argument("--input", type=lambda s: tuple(int(v) for v in s.split("x")), default=None,
                    help="HxW before padding (default: 800x1067 detection training, 800x1333 inference, 512x512 UperNet)")
     p.add_argument("--json", default=None, help="append one JSON object per architecture to this file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.worker:
+        return worker(a)
+    a.archs = a.archs or ["mask_rcnn", "cascade", "upernet"]
+    bad = [x for x in a.archs if x not in PRESETS]
+    if bad:
+        p.error(f"unknown architecture(s) {bad}: choose from {list(PRESETS)}")
     what = "training step" if a.train else "inference"
     summary = []
     for arch in a.archs:
-        ref = Reference(a, arch)
         ours, theirs = [], []
         print(f"== {NAMES[arch]} ConvNeXt-T {what}, batch {a.batch}, {a.device} {a.amp}, {a.threads} threads, "
               f"{a.rounds} rounds x {a.steps}", flush=True)
         for r in range(a.rounds):
             o = run_cnx(a, arch)
-            f = [ref.step() for _ in range(a.steps)]
-            f = {k: statistics.mean(x[k] for x in f) for k in f[0]}
+            f = run_reference(a, arch)
             ours.append(o)
             theirs.append(f)
             print(f"  round {r + 1}: cnx {o['total']:.1f} ms, {REF[arch]} {f['total']:.1f} ms, "
@@ -251,7 +279,7 @@ def main():
                    cnx_images_per_s=a.batch * 1e3 / med(ours, "total"),
                    ref_images_per_s=a.batch * 1e3 / med(theirs, "total"),
                    ratio=med(ours, "total") / med(theirs, "total"),
-                   cnx_peak_mb=ours[-1]["peak"], ref_peak_mb=ref.peak_mb())
+                   cnx_peak_mb=ours[-1]["peak"], ref_peak_mb=theirs[-1]["peak"])
         if a.train:
             for k in ("forward", "backward", "optimizer"):
                 row[f"cnx_{k}_ms"], row[f"ref_{k}_ms"] = med(ours, k), med(theirs, k)
@@ -262,9 +290,6 @@ def main():
         if a.json:
             with open(a.json, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-        del ref
-        if a.device.startswith("cuda"):
-            torch.cuda.empty_cache()
     print(f"ratios cnx / reference ({what}, median of rounds; < 1 = cnx faster):")
     for row in summary:
         print(f"  {NAMES[row['arch']]:<20} vs {row['reference']}: {row['ratio']:.3f}")

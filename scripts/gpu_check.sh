@@ -540,8 +540,8 @@ if [[ $mm_ok == 1 ]]; then
     MM_INF=(--input 64x96 --rounds 1 --steps 1 --warmup 1); MM_TR=(--input 64x96 --rounds 1 --steps 1 --warmup 1)
     MM_SEG=(--input 64x64 --rounds 1 --steps 1 --warmup 1); MM_AMP=fp32
   else
-    MM_INF=(--input 800x1280 --rounds 2 --steps 20 --warmup 5); MM_TR=(--rounds 2 --steps 10 --warmup 3)
-    MM_SEG=(--rounds 2 --steps 10 --warmup 3); MM_AMP=fp16
+    MM_INF=(--input 800x1280 --rounds 1 --steps 20 --warmup 5); MM_TR=(--rounds 1 --steps 10 --warmup 3)
+    MM_SEG=(--rounds 1 --steps 10 --warmup 3); MM_AMP=fp16
   fi
   : > "$WORK/mm.jsonl"
   mm() {  # what args...
