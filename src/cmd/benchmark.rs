@@ -419,8 +419,8 @@ pub fn run(args: Args) -> Result<()> {
         v if v > 0 => Some(v as f64 / 1024.0),
         _ => None,
     };
-    // The CUDA caching allocator's statistics (max allocated / reserved) are not reachable
-    // through tch; on CUDA the peak is reported as unknown rather than as the host's RSS.
+    // On CUDA the device's peak (the caching allocator's statistics, read through the shim),
+    // never the host's RSS under that name; a build without CUDA headers says so.
     let mib = |b: i64| b as f64 / (1024.0 * 1024.0);
     let cuda_mem = match (cuda_index, cuda_reset) {
         (Some(i), Some(Ok(_))) => Some(cnx_dist::ops::cuda_memory(i, false)),
