@@ -25,7 +25,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tools", "reference"))
-# OpenCV / matplotlib are imported by mmcv / mmdet but never used here: where they are absent
+# OpenCV / matplotlib / SciPy are imported by mmcv / mmdet but never used here: where they are absent
 # (the GPU machine's offline install), import stubs stand in (after site-packages, so a real
 # installation wins). CNX_IMPORT_STUBS=1 puts the stubs first (the dry run proves with it that
 # nothing here calls them).
@@ -33,7 +33,7 @@ _STUBS = os.path.join(HERE, "..", "tools", "reference", "import_stubs")
 if os.environ.get("CNX_IMPORT_STUBS") == "1":
     sys.path.insert(0, _STUBS)
 else:
-    for _mod in ("cv2", "matplotlib"):
+    for _mod in ("cv2", "matplotlib", "scipy"):
         try:
             __import__(_mod)
         except ImportError:
