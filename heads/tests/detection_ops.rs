@@ -5,19 +5,10 @@ use cnx_heads::boxes::{box_iou, generalized_box_iou, to_vec_i64};
 use cnx_heads::coder::DeltaXYWHCoder;
 use cnx_heads::nms::{batched_nms, nms};
 use cnx_heads::roi_align::roi_align;
-use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
-fn fixtures() -> HashMap<String, Tensor> {
-    let p = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/detection/ops.safetensors"
-    );
-    Tensor::read_safetensors(p)
-        .expect("fixture")
-        .into_iter()
-        .collect()
-}
+mod common;
+use common::ops_fixtures as fixtures;
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());

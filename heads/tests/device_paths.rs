@@ -11,20 +11,11 @@ use cnx_heads::roi_align::roi_align;
 use cnx_heads::roi_extractor::RoiExtractor;
 use cnx_heads::structures::Rois;
 use cnx_heads::sync_count::with_device_paths;
-use std::collections::HashMap;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-fn fixtures() -> HashMap<String, Tensor> {
-    let p = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/detection/ops.safetensors"
-    );
-    Tensor::read_safetensors(p)
-        .expect("fixture")
-        .into_iter()
-        .collect()
-}
+mod common;
+use common::ops_fixtures as fixtures;
 
 /// `n` boxes in clusters (so that many overlap) inside a `side`-px image, scores with ties.
 fn boxes(n: i64, side: f64, seed: i64) -> (Tensor, Tensor) {

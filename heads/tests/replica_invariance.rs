@@ -22,12 +22,10 @@ use cnx_backbone::replica::{
 use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
 use cnx_heads::conv_module::ConvModule;
 use cnx_heads::segmentor::{Segmentor, SegmentorConfig};
-use cnx_heads::structures::InstanceMasks;
 use cnx_heads::{Detector, DetectorConfig, GtInstances, ImgMeta};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Instant;
 use tch::nn::{Module, ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
@@ -38,7 +36,7 @@ const SEED: u64 = 1234;
 const ITER: u64 = 17;
 
 mod common;
-use common::BoxMasks;
+use common::box_gt;
 
 /// 4 images of one size (so the batch padding is the same for 4 and 2 images) with 1-3 GT
 /// boxes each.
@@ -59,18 +57,10 @@ fn det_inputs() -> (Tensor, Vec<ImgMeta>, Vec<GtInstances>) {
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let flat: Vec<f32> = b.iter().flatten().copied().collect();
             let labels: Vec<i64> = (0..b.len() as i64).map(|k| (i as i64 + k) % 5).collect();
-            GtInstances {
-                boxes: Tensor::from_slice(&flat).view([b.len() as i64, 4]),
-                labels: Tensor::from_slice(&labels),
-                masks: Some(Arc::new(BoxMasks {
-                    // A quarter in from each side: crops are neither all 0 nor all 1, so the
-                    // mask loss has a real target.
-                    boxes: b.to_vec(),
-                    inset: 0.25,
-                }) as Arc<dyn InstanceMasks>),
-            }
+            // Masks a quarter in from each side: crops are neither all 0 nor all 1, so the mask
+            // loss has a real target.
+            box_gt(b, &labels, 0.25)
         })
         .collect();
     let meta = ImgMeta {

@@ -7,10 +7,8 @@
 //! would add to them concurrently.
 
 use cnx_heads::cascade::{CascadeConfig, CascadeDetector};
-use cnx_heads::structures::InstanceMasks;
 use cnx_heads::sync_count::{self, with_device_paths, SyncCounts};
 use cnx_heads::{Detector, DetectorConfig, GtInstances, ImgMeta};
-use std::sync::Arc;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -18,7 +16,7 @@ const H: i64 = 160;
 const W: i64 = 224;
 
 mod common;
-use common::BoxMasks;
+use common::box_gt;
 
 fn inputs() -> (Tensor, Vec<ImgMeta>, Vec<GtInstances>) {
     tch::manual_seed(3);
@@ -34,16 +32,8 @@ fn inputs() -> (Tensor, Vec<ImgMeta>, Vec<GtInstances>) {
     let gts = boxes
         .iter()
         .map(|b| {
-            let flat: Vec<f32> = b.iter().flatten().copied().collect();
             let labels: Vec<i64> = (0..b.len() as i64).map(|k| k % 5).collect();
-            GtInstances {
-                boxes: Tensor::from_slice(&flat).view([b.len() as i64, 4]),
-                labels: Tensor::from_slice(&labels),
-                masks: Some(Arc::new(BoxMasks {
-                    boxes: b.to_vec(),
-                    inset: 0.0,
-                }) as Arc<dyn InstanceMasks>),
-            }
+            box_gt(b, &labels, 0.0)
         })
         .collect();
     let meta = ImgMeta {

@@ -1,6 +1,36 @@
-//! Helpers shared by the heads' integration tests.
+//! Helpers shared by the heads' integration tests (each test binary uses some of them).
+#![allow(dead_code)]
 
-use cnx_heads::structures::InstanceMasks;
+use cnx_heads::structures::{GtInstances, InstanceMasks};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tch::Tensor;
+
+/// The torchvision.ops fixture (tools/reference/gen_detection.py): NMS and RoIAlign cases.
+pub fn ops_fixtures() -> HashMap<String, Tensor> {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/detection/ops.safetensors"
+    );
+    Tensor::read_safetensors(p)
+        .expect("fixture")
+        .into_iter()
+        .collect()
+}
+
+/// One image's ground truth: `boxes` with `labels`, masks shaped like the boxes ([`BoxMasks`]
+/// with `inset`).
+pub fn box_gt(boxes: &[[f32; 4]], labels: &[i64], inset: f32) -> GtInstances {
+    let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
+    GtInstances {
+        boxes: Tensor::from_slice(&flat).view([boxes.len() as i64, 4]),
+        labels: Tensor::from_slice(labels),
+        masks: Some(Arc::new(BoxMasks {
+            boxes: boxes.to_vec(),
+            inset,
+        }) as Arc<dyn InstanceMasks>),
+    }
+}
 
 /// Ground-truth masks shaped like boxes, for mask targets without a dataset: instance g's mask
 /// is its box inset by `inset` of its width / height on each side (0: the whole box), sampled at
