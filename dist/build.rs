@@ -31,6 +31,7 @@ fn main() {
         "csrc/nccl.cpp",
         "csrc/sync_bn.cpp",
         "csrc/cuda.cpp",
+        "csrc/winograd.cpp",
     ] {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -104,6 +105,19 @@ fn main() {
     }
     println!("cargo::rustc-check-cfg=cfg(cnx_dist_nccl)");
     build.compile("cnx_dist_shim");
+
+    // The CPU convolution kernels: libtorch's headers only, at -O3 so that the transforms'
+    // inner loops vectorize (their float versions are multiversioned for AVX-512/AVX2).
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("csrc/winograd.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi())
+        .flag_if_supported("-w")
+        .opt_level(3)
+        .compile("cnx_kernels");
 
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");

@@ -106,6 +106,21 @@ pub fn cudnn_benchmark_for(d: Device, arch: crate::engine::config::Arch) {
     }
 }
 
+/// 3x3 convolutions on the CPU by Winograd's F(4x4, 3x3) where it pays
+/// (`cnx_dist::ops::winograd_pays`: >= 256 channels in and out, >= 4096 output pixels per batch:
+/// FPN, RPN, UperNet's 1/4-scale layers, the RoI heads' convolutions),
+/// libtorch's direct convolution elsewhere — the choice cuDNN makes for such layers on GPUs.
+/// Results differ from the direct convolution's by ~1e-5 relative. `CNX_WINOGRAD=0` keeps
+/// libtorch's convolution everywhere. No-op off the CPU.
+pub fn winograd_for(d: Device) {
+    let on = d == Device::Cpu && std::env::var("CNX_WINOGRAD").map_or(true, |v| v != "0");
+    cnx_backbone::nn::set_conv3x3_kernel(if on {
+        Some(cnx_dist::ops::winograd_where_it_pays)
+    } else {
+        None
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,5 +15,6 @@ pub mod device;
 pub mod drawing;
 pub mod engine;
 pub mod evaluation;
+pub mod host_memory;
 pub mod model_source;
 pub mod results;

@@ -50,6 +50,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    cnx::host_memory::keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Predict(a) => cmd::predict::run(a),

@@ -3,8 +3,28 @@
 //! [`crate::flops`].
 
 use crate::flops;
+use std::sync::RwLock;
 use tch::nn::{self, Module};
 use tch::Tensor;
+
+/// A replacement kernel for the 3x3 convolutions with stride 1, padding 1, no dilation and no
+/// groups (the FPN, RPN, UperNet and box/mask head layers): `(input, weight)` to the output
+/// without bias, or `None` to leave the layer to libtorch's convolution. It must compute
+/// `conv2d(input, weight, padding=1)` up to rounding, differentiably in both arguments.
+pub type Conv3x3Kernel = fn(&Tensor, &Tensor) -> Option<Tensor>;
+
+static CONV3X3_KERNEL: RwLock<Option<Conv3x3Kernel>> = RwLock::new(None);
+
+/// Install (or with `None` remove) the process-wide [`Conv3x3Kernel`] — what
+/// `torch.backends.cudnn.benchmark` is to PyTorch: a choice of algorithm for every such layer,
+/// made once by the program (the engine installs a CPU Winograd kernel), not by the model.
+pub fn set_conv3x3_kernel(kernel: Option<Conv3x3Kernel>) {
+    *CONV3X3_KERNEL.write().unwrap_or_else(|e| e.into_inner()) = kernel;
+}
+
+fn conv3x3_kernel() -> Option<Conv3x3Kernel> {
+    *CONV3X3_KERNEL.read().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Conv2d with PyTorch's parameter names `weight` and optional `bias`.
 #[derive(Debug)]
@@ -13,6 +33,8 @@ pub struct Conv2d {
     in_channels: i64,
     groups: i64,
     kernel: [i64; 2],
+    /// 3x3, stride 1, padding 1, no dilation or groups: a layer a [`Conv3x3Kernel`] may run.
+    plain_3x3: bool,
 }
 
 /// Hyper-parameters of [`Conv2d`] besides channel counts and kernel size.
@@ -52,6 +74,11 @@ impl Conv2d {
             in_channels: cin,
             groups: o.groups,
             kernel: [k, k],
+            plain_3x3: k == 3
+                && o.stride == 1
+                && o.padding == 1
+                && o.dilation == 1
+                && o.groups == 1,
         }
     }
 
@@ -66,7 +93,17 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let y = self.inner.forward(xs);
+        let replaced = match conv3x3_kernel() {
+            Some(kernel) if self.plain_3x3 => kernel(xs, &self.inner.ws),
+            _ => None,
+        };
+        let y = match replaced {
+            Some(y) => match &self.inner.bs {
+                Some(b) => y + b.view([1, -1, 1, 1]),
+                None => y,
+            },
+            None => self.inner.forward(xs),
+        };
         if flops::is_counting() {
             let per_out = (self.in_channels / self.groups) * self.kernel[0] * self.kernel[1];
             flops::record("conv", y.numel() as f64 * per_out as f64);

@@ -58,6 +58,11 @@ char* cnx_fused_adamw(void* const* params, void* const* grads, void* const* exp_
                       void* const* exp_avg_sqs, size_t n, double step, double lr, double beta1,
                       double beta2, double weight_decay, double eps);
 
+// A 3x3 convolution (stride 1, padding 1, no groups, no bias) of CPU tensors by Winograd's
+// F(4x4, 3x3) (winograd.cpp): input [N, C, H, W], weight [K, C, 3, 3], float or double; the
+// output [N, K, H, W] carries an autograd graph to both.
+char* cnx_winograd_conv3x3(void* input, void* weight, void** out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -80,6 +80,11 @@ extern "C" {
         weight_decay: f64,
         eps: f64,
     ) -> *mut c_char;
+    pub fn cnx_winograd_conv3x3(
+        input: *mut c_void,
+        weight: *mut c_void,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
 }
 
 /// Converts the shim's error convention into a `Result`.

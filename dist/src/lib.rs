@@ -24,8 +24,9 @@
 //! - **Results.** [`ProcessGroup::all_gather_bytes`] collects serialized per-rank results (e.g.
 //!   evaluation detections) of any length, for rank 0 to merge.
 //!
-//! - **Operators tch does not bind.** [`ops::fused_adamw`] (the fused AdamW step) goes through
-//!   the same shim.
+//! - **Operators tch does not bind.** [`ops::fused_adamw`] (the fused AdamW step) and
+//!   [`ops::winograd_conv3x3`] (3x3 convolutions on the CPU by Winograd's F(4x4, 3x3), an
+//!   autograd Function in `csrc/winograd.cpp`) go through the same shim.
 //!
 //! All collectives block until complete and must be issued by every rank in the same order.
 

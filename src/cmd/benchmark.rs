@@ -234,6 +234,7 @@ pub fn run(args: Args) -> Result<()> {
         tch::set_num_threads(threads);
     }
     crate::device::cudnn_benchmark_for(device, cfg.model.arch());
+    crate::device::winograd_for(device);
     tch::manual_seed(args.seed as i64);
     let mut rng = Rng(args.seed ^ 0x636e_7862);
 

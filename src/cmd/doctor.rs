@@ -20,6 +20,11 @@ struct Report {
     /// libtorch's CPU allocator asks for transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, the
     /// user's choice; off by default).
     cpu_huge_pages: bool,
+    /// A freed large block is reused without page faults (`cnx::host_memory`; off with
+    /// `CNX_KEEP_FREED_MEMORY=0`); null where it cannot be probed.
+    freed_memory_reused: Option<bool>,
+    /// 3x3 convolutions on the CPU by Winograd where it pays (off with `CNX_WINOGRAD=0`).
+    cpu_winograd: bool,
     cuda_available: bool,
     cudnn_available: bool,
     devices: Vec<String>,
@@ -35,6 +40,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         torch_build: build.clone(),
         cpu_threads: tch::get_num_threads(),
         cpu_huge_pages: std::env::var("THP_MEM_ALLOC_ENABLE").is_ok_and(|v| v == "1"),
+        freed_memory_reused: crate::host_memory::freed_blocks_reused(),
+        cpu_winograd: std::env::var("CNX_WINOGRAD").map_or(true, |v| v != "0"),
         cuda_available: cuda,
         cudnn_available: cuda && tch::Cuda::cudnn_is_available(),
         devices: (0..n).map(|i| device_name(i as i32)).collect(),
@@ -52,6 +59,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "on (THP_MEM_ALLOC_ENABLE=1)"
         } else {
             "off (libtorch default; THP_MEM_ALLOC_ENABLE=1 turns it on)"
+        }
+    );
+    println!(
+        "host memory  {}",
+        match report.freed_memory_reused {
+            Some(true) => "freed blocks reused (CNX_KEEP_FREED_MEMORY=0 restores glibc's defaults)",
+            Some(false) =>
+                "fresh pages for every large block (CNX_KEEP_FREED_MEMORY=0 or not glibc)",
+            None => "not probed on this system",
+        }
+    );
+    println!(
+        "cpu conv 3x3 {}",
+        if report.cpu_winograd {
+            "Winograd F(4x4,3x3) where it pays (CNX_WINOGRAD=0 turns it off)"
+        } else {
+            "libtorch's direct convolution (CNX_WINOGRAD=0)"
         }
     );
     println!(

@@ -187,6 +187,7 @@ pub fn prepare_batch(
 
 pub fn run(args: Args) -> Result<()> {
     let device = crate::device::resolve(&args.device)?;
+    crate::device::winograd_for(device);
     if let Some(iters) = args.bench {
         return bench(&args, device, iters.max(1));
     }

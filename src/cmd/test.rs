@@ -95,6 +95,7 @@ pub fn run(args: Args) -> Result<()> {
         return done;
     }
     let device = crate::engine::distributed::resolve_device(&args.device)?;
+    crate::device::winograd_for(device);
     let dp =
         crate::engine::distributed::DataParallel::from_env(args.dist_backend.as_deref(), device)?;
     let shard = dp.as_ref().map(|d| d.eval_shard());

@@ -99,6 +99,7 @@ pub fn train_config_on(
     let threads = crate::engine::threads::ThreadPlan::from_env(cfg, device);
     threads.apply();
     crate::device::cudnn_benchmark_for(device, cfg.model.arch());
+    crate::device::winograd_for(device);
     // Model config errors and missing data come before any work.
     tasks::check_model(cfg)?;
     let mut dp = DataParallel::from_env(backend, device)?;

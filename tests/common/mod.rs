@@ -1,6 +1,8 @@
 //! Shared by the CLI tests: run the built `cnx` binary as a user would and read its output.
 #![allow(dead_code)]
 
+pub mod segmentation_fixture;
+
 use std::process::{Command, Output};
 
 /// Run `cnx ARGS...` to completion (no backtraces in its messages).
