@@ -113,12 +113,17 @@ pub fn cudnn_benchmark_for(d: Device, arch: crate::engine::config::Arch) {
 /// Results differ from the direct convolution's by ~1e-5 relative. `CNX_WINOGRAD=0` keeps
 /// libtorch's convolution everywhere. No-op off the CPU.
 pub fn winograd_for(d: Device) {
-    let on = d == Device::Cpu && std::env::var("CNX_WINOGRAD").map_or(true, |v| v != "0");
+    let on = d == Device::Cpu && winograd_enabled();
     cnx_backbone::nn::set_conv3x3_kernel(if on {
         Some(cnx_dist::ops::winograd_where_it_pays)
     } else {
         None
     });
+}
+
+/// Whether [`winograd_for`] uses Winograd on the CPU: unless `CNX_WINOGRAD=0`.
+pub fn winograd_enabled() -> bool {
+    std::env::var("CNX_WINOGRAD").map_or(true, |v| v != "0")
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cpu_threads: tch::get_num_threads(),
         cpu_huge_pages: std::env::var("THP_MEM_ALLOC_ENABLE").is_ok_and(|v| v == "1"),
         freed_memory_reused: crate::host_memory::freed_blocks_reused(),
-        cpu_winograd: std::env::var("CNX_WINOGRAD").map_or(true, |v| v != "0"),
+        cpu_winograd: crate::device::winograd_enabled(),
         cuda_available: cuda,
         cudnn_available: cuda && tch::Cuda::cudnn_is_available(),
         devices: (0..n).map(|i| device_name(i as i32)).collect(),
