@@ -140,19 +140,13 @@ fn non_contiguous_input_and_only_input_gradient() {
 #[test]
 fn rejects_what_it_does_not_compute() {
     let x = Tensor::zeros([1, 4, 8, 8], (Kind::Float, tch::Device::Cpu));
-    let err = winograd_conv3x3(
-        &x,
-        &Tensor::zeros([2, 4, 5, 5], (Kind::Float, tch::Device::Cpu)),
-    )
-    .unwrap_err()
-    .to_string();
+    let error_with = |weight: &[i64], kind: Kind| {
+        let w = Tensor::zeros(weight, (kind, tch::Device::Cpu));
+        winograd_conv3x3(&x, &w).unwrap_err().to_string()
+    };
+    let err = error_with(&[2, 4, 5, 5], Kind::Float);
     assert!(err.contains("[K, C, 3, 3]"), "{err}");
-    let err = winograd_conv3x3(
-        &x,
-        &Tensor::zeros([2, 4, 3, 3], (Kind::Double, tch::Device::Cpu)),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = error_with(&[2, 4, 3, 3], Kind::Double);
     assert!(err.contains("one dtype"), "{err}");
 }
 
